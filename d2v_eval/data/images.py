@@ -1,0 +1,46 @@
+"""Decoding of any PIL image mode to 8-bit RGB."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Background for transparent pixels: white, so that transparent regions of RGBA/LA/P images do not
+# turn black by accident when the alpha channel is dropped.
+ALPHA_BACKGROUND = (255, 255, 255)
+
+
+def _rescale_to_uint8(array: np.ndarray) -> np.ndarray:
+    """Map the observed range of a high-bit-depth array linearly onto 0..255 (no clipping)."""
+    array = array.astype(np.float64)
+    low, high = float(array.min()), float(array.max())
+    if high <= low:
+        return np.zeros(array.shape, dtype=np.uint8)
+    return np.round((array - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Return ``image`` as an 8-bit RGB PIL image.
+
+    EXIF orientation is applied first. Transparent modes (RGBA, LA, PA, P with a transparency entry)
+    are composited on ``ALPHA_BACKGROUND``. 16- and 32-bit integer and float greyscale (I;16, I, F)
+    are rescaled from their observed range to 8 bits rather than clipped. CMYK and YCbCr use PIL's
+    conversion.
+    """
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode == "RGB":
+        return image
+
+    if mode == "P" and "transparency" in image.info:
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+
+    if mode.startswith("I") or mode == "F":
+        grey = _rescale_to_uint8(np.asarray(image))
+        return Image.fromarray(grey, mode="L").convert("RGB")
+
+    return image.convert("RGB")

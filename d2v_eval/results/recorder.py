@@ -1,0 +1,111 @@
+"""``ResultRecorder``: a Lightning callback that writes one record per evaluated split."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import subprocess
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from pytorch_lightning import Callback, LightningModule, Trainer
+from pytorch_lightning.trainer.states import TrainerFn
+
+from d2v_eval.results.records import DEFAULT_RECORDS_DIR, new_run_id, write_record
+
+log = logging.getLogger(__name__)
+
+VERSIONED_PACKAGES = ("d2v-eval", "torch", "timm", "pytorch-lightning", "torchmetrics", "datasets", "transformers")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_commit() -> str | None:
+    """Commit of the d2v-eval source tree, or None where it is not a git checkout."""
+    source_dir = Path(__file__).resolve().parent
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=source_dir, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None
+
+
+class ResultRecorder(Callback):
+    """Write a result record after every ``test`` and every ``validate`` run (rank 0 only).
+
+    Metrics come from ``pl_module.eval_results``, which the protocols synchronise over processes
+    before this callback reads them. ``config`` is the fully resolved run configuration, set by the CLI.
+
+    Args:
+        records_dir: folder that receives one JSON file per evaluated split.
+        tags: free-form labels stored in each record (for filtering tables).
+    """
+
+    def __init__(self, records_dir: str = DEFAULT_RECORDS_DIR, tags: list[str] | None = None):
+        super().__init__()
+        self.records_dir = records_dir
+        self.tags = list(tags or [])
+        self.config: dict | None = None
+        self.run_id = new_run_id()
+        self.written: list[Path] = []
+        self._started = time.monotonic()
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write(trainer, pl_module, stage="test", role="test")
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking:
+            self._write(trainer, pl_module, stage="val", role="validation")
+
+    def build_record(self, trainer: Trainer, pl_module: LightningModule, *, stage: str, role: str) -> dict:
+        results = dict(pl_module.eval_results[stage])
+        num_samples = results.pop("num_samples")
+        datamodule = trainer.datamodule
+        batch_size = getattr(datamodule, "batch_size", None)
+        global_batch = batch_size * trainer.world_size * trainer.accumulate_grad_batches if batch_size else None
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        return {
+            "run_id": self.run_id,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "benchmark": getattr(datamodule, "benchmark", None),
+            "split": datamodule.split_name(role) if hasattr(datamodule, "split_name") else role,
+            "num_samples": num_samples,
+            "protocol": getattr(pl_module, "protocol", type(pl_module).__name__),
+            "encoder": pl_module.encoder_info.as_record(),
+            "metrics": results,
+            "world_size": trainer.world_size,
+            "global_batch_size": global_batch,
+            "seed": int(seed) if seed is not None else None,
+            "config": self.config,
+            "versions": package_versions(),
+            "git_commit": git_commit(),
+            "duration_s": round(time.monotonic() - self._started, 3),
+            "checkpoint": trainer.ckpt_path,
+            "tags": self.tags,
+        }
+
+    def _write(self, trainer: Trainer, pl_module: LightningModule, *, stage: str, role: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        record = self.build_record(trainer, pl_module, stage=stage, role=role)
+        if any(path.name == f"{self.run_id}-{record['split']}.json" for path in self.written):
+            # A second evaluation of the same split in one process (e.g. test after fit, then again)
+            # gets a run id of its own rather than overwriting the first record.
+            self.run_id = new_run_id()
+            record["run_id"] = self.run_id
+        path = write_record(record, self.records_dir)
+        self.written.append(path)
+        log.info("wrote result record %s", path)

@@ -1,0 +1,95 @@
+"""Converted Hugging Face checkpoints against transformers, the reference implementation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from d2v_eval.encoders import load_encoder, load_encoder_with_info
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-bias", "per-block-bias"])
+def test_tokens_match_transformers(hf_model_dir, shared):
+    model_dir, reference = hf_model_dir(shared=shared)
+    encoder = load_encoder(str(model_dir), global_pool="token").eval()
+
+    images = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = encoder.forward_features(images)
+        theirs = reference(pixel_values=images).last_hidden_state
+
+    assert ours.shape == theirs.shape
+    assert torch.allclose(ours, theirs, atol=1e-6, rtol=0), (ours - theirs).abs().max()
+
+
+def test_layer_norm_eps_read_from_config(hf_model_dir):
+    model_dir, _ = hf_model_dir(shared=True, layer_norm_eps=1e-5)
+    encoder = load_encoder(str(model_dir), global_pool="token")
+    assert encoder.blocks[0].norm1.eps == 1e-5
+    assert encoder.norm.eps == 1e-5
+
+
+def test_architecture_read_from_config(hf_model_dir):
+    model_dir, _ = hf_model_dir(shared=False, layer_scale_init_value=0.0, intermediate_size=96)
+    encoder, info = load_encoder_with_info(str(model_dir), rel_pos_bias="auto")
+    assert info.format == "hf-dir"
+    assert info.arch.init_values is None
+    assert encoder.blocks[0].gamma_1 is None
+    assert encoder.blocks[0].mlp.fc1.out_features == 96
+    assert len(info.sha256) == 64
+
+
+def test_shared_bias_expanded_per_block(hf_model_dir):
+    model_dir, reference = hf_model_dir(shared=True)
+    encoder = load_encoder(str(model_dir), rel_pos_bias="per_block")
+    table = reference.encoder.relative_position_bias.relative_position_bias_table
+    assert encoder.rel_pos_bias is None
+    for block in encoder.blocks:
+        assert torch.equal(block.attn.relative_position_bias_table, table)
+
+
+def test_missing_config_is_an_error(hf_model_dir):
+    model_dir, _ = hf_model_dir(shared=True)
+    (model_dir / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_encoder(str(model_dir))
+
+
+def test_missing_weights_is_an_error(hf_model_dir):
+    model_dir, _ = hf_model_dir(shared=True)
+    (model_dir / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no weights file"):
+        load_encoder(str(model_dir))
+
+
+def test_mismatched_keys_list_missing_and_unexpected(hf_model_dir):
+    model_dir, _ = hf_model_dir(shared=True)
+    config_path = model_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    config["num_hidden_layers"] = 3  # the weights hold 2 blocks
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"missing keys \[blocks\.2\."):
+        load_encoder(str(model_dir))
+
+
+def test_unknown_preset_lists_valid_names():
+    with pytest.raises(ValueError, match="data2vec_vision_base_patch16_224"):
+        load_encoder("data2vec_vision_huge_patch14_224")
+
+
+@pytest.mark.parametrize(
+    "name, embed_dim, depth, num_heads",
+    [("data2vec_vision_base_patch16_224", 768, 12, 12), ("data2vec_vision_large_patch16_224", 1024, 24, 16)],
+)
+def test_published_presets(name, embed_dim, depth, num_heads):
+    with torch.device("meta"):
+        encoder = load_encoder(name)
+    assert encoder.embed_dim == embed_dim
+    assert len(encoder.blocks) == depth
+    assert encoder.blocks[0].attn.num_heads == num_heads
+    assert encoder.blocks[0].mlp.fc1.out_features == 4 * embed_dim
+    assert encoder.pos_embed is None
+    assert encoder.blocks[0].attn.relative_position_bias_table.shape == (732, num_heads)
+    assert encoder.blocks[0].gamma_1 is not None

@@ -1,0 +1,55 @@
+"""Every PIL mode becomes 8-bit RGB with its content intact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from d2v_eval.data import ImageClassificationData, to_rgb
+
+
+def _modes() -> dict[str, Image.Image]:
+    gradient = np.tile(np.arange(16, dtype=np.uint8) * 16, (16, 1))
+    rgba = np.zeros((16, 16, 4), dtype=np.uint8)
+    rgba[..., 0] = 200
+    rgba[:, 8:, 3] = 255  # left half fully transparent
+    palette = Image.fromarray(gradient, mode="L").convert("P")
+    palette.info["transparency"] = 0
+    return {
+        "L": Image.fromarray(gradient, mode="L"),
+        "LA": Image.fromarray(gradient, mode="L").convert("LA"),
+        "P": palette,
+        "RGBA": Image.fromarray(rgba, mode="RGBA"),
+        "CMYK": Image.fromarray(gradient, mode="L").convert("CMYK"),
+        "I;16": Image.fromarray(np.arange(256, dtype=np.uint16).reshape(16, 16) * 4 + 1000),
+    }
+
+
+@pytest.mark.parametrize("mode", list(_modes()))
+def test_mode_becomes_rgb_tensor(mode):
+    image = _modes()[mode]
+    rgb = to_rgb(image)
+    assert rgb.mode == "RGB"
+
+    data = ImageClassificationData("digits", input_size=16, num_workers=0)
+    tensor = data.build_transform(is_training=False)(rgb)
+    assert tensor.shape == (3, 16, 16)
+    assert bool(np.isfinite(tensor.numpy()).all())
+
+
+def test_transparent_pixels_on_white():
+    rgb = np.asarray(to_rgb(_modes()["RGBA"]))
+    assert (rgb[:, :8] == 255).all()
+    assert (rgb[:, 8:, 0] == 200).all()
+
+
+def test_sixteen_bit_keeps_contrast():
+    rgb = np.asarray(to_rgb(_modes()["I;16"]))
+    assert rgb.min() == 0
+    assert rgb.max() == 255
+
+
+def test_unknown_benchmark_lists_valid_names():
+    with pytest.raises(ValueError, match="valid names: .*digits"):
+        ImageClassificationData("not-a-benchmark")
