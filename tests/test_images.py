@@ -53,3 +53,17 @@ def test_sixteen_bit_keeps_contrast():
 def test_unknown_benchmark_lists_valid_names():
     with pytest.raises(ValueError, match="valid names: .*digits"):
         ImageClassificationData("not-a-benchmark")
+
+
+def test_carved_validation_is_stratified_and_disjoint():
+    data = ImageClassificationData("digits", input_size=16, num_workers=0, val_fraction=0.2, split_seed=3)
+    splits = data.load_splits()
+    train, validation = splits["train"], splits[data.split_name("validation")]
+    assert data.split_name("validation") == "validation_from_train"
+    assert abs(len(validation) - 0.2 * (len(train) + len(validation))) <= 1
+    counts = np.bincount(validation["label"], minlength=10)
+    assert counts.min() >= 20  # each of the 10 classes appears about 25 times
+    train_pixels = {np.asarray(img).tobytes() + bytes([lbl]) for img, lbl in zip(train["image"], train["label"])}
+    overlap = sum(np.asarray(img).tobytes() + bytes([lbl]) in train_pixels
+                  for img, lbl in zip(validation["image"], validation["label"]))
+    assert overlap < 5  # digits has a few duplicate scans, never a shared row

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 # data2vec-vision normalisation (facebookresearch/data2vec_vision, beit/datasets.py: mean = std = 0.5).
 D2V_MEAN = (0.5, 0.5, 0.5)
 D2V_STD = (0.5, 0.5, 0.5)
+# Name of a validation split carved from train by ``val_fraction``.
+CARVED_VALIDATION = "validation_from_train"
 
 
 class TransformedSplit(Dataset):
@@ -53,6 +55,9 @@ class ImageClassificationData(pl.LightningDataModule):
             ``create_transform`` (``auto_augment`` e.g. ``"rand-m9-mstd0.5-inc1"``).
         crop_pct: evaluation resizes to ``img_size / crop_pct`` then centre-crops ``img_size``.
         drop_last: drop the last incomplete training batch (needed by batch-mode mixup).
+        val_fraction: when set, carve a validation split of this fraction from train (seeded by
+            ``split_seed``, stratified by label when the label column is a ``ClassLabel``) instead of
+            using the benchmark's own validation split. Hyperparameters are selected on it, never on test.
     """
 
     def __init__(
@@ -72,6 +77,8 @@ class ImageClassificationData(pl.LightningDataModule):
         interpolation: str = "bicubic",
         crop_pct: float = 0.875,
         drop_last: bool = False,
+        val_fraction: float | None = None,
+        split_seed: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -82,6 +89,14 @@ class ImageClassificationData(pl.LightningDataModule):
         self.num_workers = num_workers
         self.image_column = image_column or self.entry.image_column
         self.label_column = label_column or self.entry.label_column
+        if val_fraction is not None and not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction {val_fraction} must lie in (0, 1), e.g. 0.1")
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
+        # role -> split name; a carved validation split gets its own name.
+        self.splits = dict(self.entry.splits)
+        if val_fraction is not None:
+            self.splits["validation"] = CARVED_VALIDATION
         self._splits: DatasetDict | None = None
         self.datasets: dict[str, TransformedSplit] = {}
 
@@ -107,15 +122,26 @@ class ImageClassificationData(pl.LightningDataModule):
                 self._splits = load_dataset(self.entry.hub_id, self.entry.hub_config)
             else:
                 self._splits = load_from_disk(str(Path(self.benchmark).expanduser()))
+            if self.val_fraction is not None:
+                self._splits = self._carve_validation(self._splits)
         return self._splits
+
+    def _carve_validation(self, splits: DatasetDict) -> DatasetDict:
+        train_name = self.entry.splits["train"]
+        train = splits[train_name]
+        stratify = self.label_column if isinstance(train.features.get(self.label_column), ClassLabel) else None
+        parts = train.train_test_split(
+            test_size=self.val_fraction, seed=self.split_seed, stratify_by_column=stratify
+        )
+        return DatasetDict({**splits, train_name: parts["train"], CARVED_VALIDATION: parts["test"]})
 
     def split_name(self, role: str) -> str:
         """Dataset split used for ``role`` (``train``, ``validation`` or ``test``)."""
-        name = self.entry.splits.get(role)
+        name = self.splits.get(role)
         if name is None:
             raise ValueError(
                 f"benchmark {self.entry.name!r} has no {role} split besides the reported one; "
-                "carve a validation split from train before selecting hyperparameters"
+                "set data.val_fraction (e.g. 0.1) to carve a seeded validation split from train"
             )
         return name
 
@@ -156,7 +182,7 @@ class ImageClassificationData(pl.LightningDataModule):
         roles = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",),
                  "predict": ("test",)}.get(stage, ("train", "validation", "test"))
         for role in roles:
-            if role == "validation" and self.entry.splits.get("validation") is None:
+            if role == "validation" and self.splits.get("validation") is None:
                 continue
             self.datasets[role] = TransformedSplit(
                 splits[self.split_name(role)], self.build_transform(is_training=role == "train"),
