@@ -18,6 +18,9 @@ from d2v_eval.results.records import DEFAULT_RECORDS_DIR, new_run_id, write_reco
 
 log = logging.getLogger(__name__)
 
+# Set by the sweep launcher for each trial process; stored in the records.
+SWEEP_ENV = "D2V_EVAL_SWEEP"
+TRIAL_ENV = "D2V_EVAL_TRIAL"
 VERSIONED_PACKAGES = ("d2v-eval", "torch", "timm", "pytorch-lightning", "torchmetrics", "datasets", "transformers")
 
 
@@ -77,7 +80,7 @@ class ResultRecorder(Callback):
         batch_size = getattr(datamodule, "batch_size", None)
         global_batch = batch_size * trainer.world_size * trainer.accumulate_grad_batches if batch_size else None
         seed = os.environ.get("PL_GLOBAL_SEED")
-        return {
+        record = {
             "run_id": self.run_id,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "benchmark": getattr(datamodule, "benchmark", None),
@@ -95,7 +98,14 @@ class ResultRecorder(Callback):
             "duration_s": round(time.monotonic() - self._started, 3),
             "checkpoint": trainer.ckpt_path,
             "tags": self.tags,
+            "sweep": os.environ.get(SWEEP_ENV),
+            "trial": os.environ.get(TRIAL_ENV),
         }
+        # Protocols add their own fields (e.g. every head's validation score) through record_extras.
+        extras = getattr(pl_module, "record_extras", None)
+        if callable(extras):
+            record.update(extras(stage))
+        return record
 
     def _write(self, trainer: Trainer, pl_module: LightningModule, *, stage: str, role: str) -> None:
         if not trainer.is_global_zero:
