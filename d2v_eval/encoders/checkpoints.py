@@ -81,8 +81,9 @@ def read_torch_checkpoint(path: str | Path, *, mmap: bool = False) -> Any:
     if is_zip:
         try:
             found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        except Exception as error:  # zipfile and torch raise several types for a damaged archive
-            raise ValueError(f"checkpoint file {path} is a damaged PyTorch zip archive: {error}") from error
+        except (RuntimeError, ValueError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile):
+            # The scan rejects opcodes torch.load's unpickler never reaches; torch.load below reports the cause.
+            found = []
         rejected = [name for name in found if name not in EXTRA_SAFE_GLOBALS]
         if rejected:
             raise _untrusted(path, rejected)
@@ -95,7 +96,8 @@ def read_torch_checkpoint(path: str | Path, *, mmap: bool = False) -> Any:
         if rejected:
             raise _untrusted(path, sorted(set(rejected))) from error
         raise ValueError(f"checkpoint file {path} is not a PyTorch checkpoint: {error}") from error
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
+    # For files that are not checkpoints at all, torch's legacy reader raises any of these.
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
         raise ValueError(
             f"checkpoint file {path} could not be read as a PyTorch checkpoint (truncated or damaged?): {error}"
         ) from error

@@ -14,15 +14,12 @@ from d2v_eval.encoders.checkpoints import StateDict
 from d2v_eval.encoders.presets import PRESETS, BeitArch, build_beit
 from d2v_eval.encoders.resize import check_img_size, resize_position_tables
 from d2v_eval.encoders.shapes import SHARED_TABLE, check_shapes
-from d2v_eval.encoders.sources import FORMATS, Checkpoint, read_source
+from d2v_eval.encoders.sources import PRETRAINING_ONLY_PREFIXES, Checkpoint, read_source
 
 log = logging.getLogger(__name__)
 
 RelPosBiasChoice = Literal["per_block", "shared", "auto"]
 GlobalPool = Literal["avg", "token"]
-
-# Tensors that only pretraining uses (BEiT's masked-image-modeling head and mask token); dropped with one log line.
-PRETRAINING_ONLY_PREFIXES = ("mask_token", "lm_head.")
 
 
 @dataclasses.dataclass

@@ -46,6 +46,8 @@ SOURCE_METADATA_KEYS = ("d2v_eval.source", "d2v_eval.source_format", "d2v_eval.s
 ORIGINAL_LAYER_NORM_EPS = 1e-6
 HF_LAYER_NORM_EPS = 1e-12
 TIMM_ANCHOR = "patch_embed.proj.weight"
+# Tensors only pretraining uses (BEiT's masked-image-modeling head and mask token); never loaded.
+PRETRAINING_ONLY_PREFIXES = ("mask_token", "lm_head.")
 
 
 @dataclasses.dataclass
@@ -193,6 +195,8 @@ def _read_file_checkpoint(
     else:  # original and deepspeed wrap a state dict of any flat layout
         state_dict, eps = _to_timm_names(raw, str(path))
 
+    # Index buffers are derived from the window size; timm rebuilds them, so stored ones are never loaded.
+    state_dict = {key: value for key, value in state_dict.items() if not key.endswith("relative_position_index")}
     if ARCH_METADATA_KEY in metadata:
         arch = BeitArch(**json.loads(metadata[ARCH_METADATA_KEY]))
     else:
@@ -271,3 +275,18 @@ def read_source(
     if format == "hf-dir":
         raise ValueError(f"format 'hf-dir' needs a directory, but {path} is a file")
     return _read_file_checkpoint(path, source, format, use_ema, img_size, shapes_only)
+
+
+def detect_format(source: str) -> str:
+    """Return the format ``load_encoder(source)`` would detect: ``random-init`` or one of :data:`FORMATS`."""
+    if source in PRESETS:
+        return "random-init"
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return "hf-dir"
+    if path.is_file():
+        obj, metadata = _read_file(path, shapes_only=True)
+        return detect_file_format(obj, metadata, path)
+    if parse_hub_id(source) is not None:
+        return "hf-hub"
+    raise ValueError(f"encoder source {source!r} is not a file, a directory or a hub id; " + _accepted_forms())
