@@ -167,7 +167,31 @@ def test_large_preset_matches_transformers_layout():
     actual = {key: tuple(value.shape) for key, value in loaded.state_dict().items()}
     assert sorted(actual) == sorted(expected)
     assert actual == expected
-    assert info.dropped == [] and info.reinitialised == []
+    assert info.dropped == []
+    assert info.reinitialised == []
     stored = {key: tuple(value.shape) for key, value in converted.items()}
     assert stored["rel_pos_bias.relative_position_bias_table"] == (732, 16)
     assert len(stored) == len(expected) - 24 + 1  # one shared table in place of 24 per-block copies
+
+
+def test_safetensors_preferred_over_bin(hf_model_dir):
+    model_dir, _ = hf_model_dir(shared=True)
+    (model_dir / "pytorch_model.bin").write_bytes(b"not read: safetensors comes first")
+    _, info = load_encoder_with_info(str(model_dir))
+    assert info.weights_path == str(model_dir / "model.safetensors")
+
+
+def test_hf_state_dict_without_config(hf_model_dir):
+    """A transformers-layout weights file alone: the architecture comes from tensor shapes, eps 1e-12."""
+    model_dir, reference = hf_model_dir(shared=False)
+    encoder, info = load_encoder_with_info(str(model_dir / "model.safetensors"), global_pool="token")
+
+    images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ours = encoder.eval().forward_features(images)
+        theirs = reference(pixel_values=images).last_hidden_state
+
+    assert info.format == "hf-state-dict"
+    assert info.arch.layer_norm_eps == 1e-12
+    assert info.arch.num_heads == 2
+    assert torch.allclose(ours, theirs, atol=1e-6, rtol=0), (ours - theirs).abs().max()

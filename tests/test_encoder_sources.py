@@ -361,3 +361,23 @@ def test_record_carries_provenance(tmp_path, source):
     assert record["sha256"] == sha256_file(path)
     assert "norm.weight" in record["dropped"]
     assert record["reinitialised"] == ["fc_norm.bias", "fc_norm.weight"]
+
+
+def test_cli_links_input_size_from_checkpoint(tmp_path, monkeypatch):
+    """`--model.init_args.encoder FILE` sets the data's input size from the file's own resolution (32 px)."""
+    from pathlib import Path
+
+    model = build_beit(ARCH.replace(img_size=32, rel_pos_bias="per_block"), global_pool="token")
+    checkpoint = tmp_path / "checkpoint-32px.pth"
+    torch.save({"model": model.state_dict(), "epoch": 1, "args": _namespace()}, checkpoint)
+    monkeypatch.chdir(tmp_path)
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo_linear_probe.yaml"
+    cli_main(["test", "--config", str(config), "--model.init_args.encoder", str(checkpoint),
+              "--trainer.limit_test_batches=1", "--trainer.enable_progress_bar=false", "--data.num_workers=0",
+              f"--recorder.records_dir={tmp_path / 'records'}"])
+
+    (record_path,) = (tmp_path / "records").glob("*.json")
+    record = json.loads(record_path.read_text())
+    assert record["config"]["data"]["input_size"] == 32
+    assert record["encoder"]["format"] == "original"
+    assert record["encoder"]["sha256"] == sha256_file(checkpoint)

@@ -24,7 +24,7 @@ StateDict = dict[str, torch.Tensor]
 # Globals a checkpoint may reference beyond torch's weights-only allow-list, by qualified name.
 EXTRA_SAFE_GLOBALS = {"argparse.Namespace": argparse.Namespace}
 
-# torch's UnpicklingError message names the rejected global as "GLOBAL module.name" (torch 2.4 to 2.14).
+# torch's UnpicklingError message names the rejected global as "GLOBAL module.name" (checked on torch 2.14.1).
 _REJECTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
@@ -99,12 +99,12 @@ def read_torch_checkpoint(path: str | Path, *, mmap: bool = False) -> Any:
     # For files that are not checkpoints at all, torch's legacy reader raises any of these.
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
         raise ValueError(
-            f"checkpoint file {path} could not be read as a PyTorch checkpoint (truncated or damaged?): {error}"
+            f"checkpoint file {path} could not be read as a PyTorch checkpoint; it may be truncated or damaged: {error}"
         ) from error
 
 
 def is_state_dict(obj: Any) -> bool:
-    """Whether ``obj`` is a non-empty flat ``{str: tensor}`` mapping."""
+    """Return whether ``obj`` is a non-empty flat ``{str: tensor}`` mapping."""
     return (
         isinstance(obj, dict)
         and len(obj) > 0

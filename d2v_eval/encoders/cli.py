@@ -3,8 +3,8 @@
     d2v-eval convert facebook/data2vec-vision-base base.safetensors
     d2v-eval convert checkpoint-799.pth d2v-large.safetensors --use-ema
 
-The file keeps the checkpoint's resolution and bias layout; the architecture goes into the
-safetensors metadata (``d2v_eval.arch``, JSON), so ``load_encoder(OUT)`` needs nothing else and
+The file keeps the checkpoint's resolution and bias layout. The architecture goes into the
+safetensors metadata (``d2v_eval.arch``, JSON), so ``load_encoder(OUT)`` needs no other file. It
 gives the same outputs as ``load_encoder(SOURCE)`` with the same arguments.
 """
 

@@ -147,6 +147,6 @@ def convert_hf_state_dict(state_dict: StateDict) -> tuple[StateDict, list[str]]:
 
 
 def is_hf_layout(keys) -> bool:
-    """Whether state-dict ``keys`` use transformers' names (``embeddings.patch_embeddings...``)."""
+    """Return whether state-dict ``keys`` use transformers' names (``embeddings.patch_embeddings...``)."""
     anchor = "embeddings.patch_embeddings.projection.weight"
     return any(key == anchor or key.endswith("." + anchor) for key in keys)

@@ -236,9 +236,9 @@ def load_encoder(
     """Build a timm ``Beit`` from ``source`` and load its weights strictly.
 
     ``source`` is a preset name (random initialisation, see ``PRESETS``), a Hugging Face hub id
-    (``facebook/data2vec-vision-base``, resolved through huggingface_hub's cache), a local
-    ``save_pretrained`` directory, or a checkpoint file: an original data2vec_vision / BEiT ``.pth``,
-    a DeepSpeed model-states file, or a timm-layout state dict (optionally prefixed). ``format``
+    such as ``facebook/data2vec-vision-base`` (resolved through huggingface_hub's cache), or a local
+    ``save_pretrained`` directory. It may also be a checkpoint file: an original data2vec_vision /
+    BEiT ``.pth``, a DeepSpeed model-states file, or a timm-layout state dict (optionally prefixed). ``format``
     (one of ``sources.FORMATS``) overrides the detected format; ``use_ema`` loads ``model_ema`` of an
     original checkpoint.
 

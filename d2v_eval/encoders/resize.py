@@ -1,9 +1,9 @@
 """Resolution change of a timm-layout ``Beit`` state dict: relative position bias tables and ``pos_embed``.
 
-Both resizes are timm's own helpers (timm 1.0, ``timm.layers``): ``resize_rel_pos_bias_table`` maps the
-(2W-1)^2 offset grid with BEiT's geometric-progression spacing and linear interpolation, keeping the 3
-class-token rows as they are; ``resample_abs_pos_embed`` resizes the patch grid bicubically, keeping the
-class-token slot. Both keep a constant table constant.
+Both resizes are timm's own helpers (timm 1.0.31, ``timm.layers``). ``resize_rel_pos_bias_table`` maps
+the (2W-1)^2 offset grid with BEiT's geometric-progression spacing and linear interpolation, and it
+copies the 3 class-token rows unchanged. ``resample_abs_pos_embed`` resizes the patch grid bicubically
+and keeps the class-token slot. Both keep a constant table constant.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
 BLOCK_TABLE = re.compile(r"^blocks\.(\d+)\.attn\.relative_position_bias_table$")
 _BLOCK_INDEX = re.compile(r"^blocks\.(\d+)\.")
 
-# Rows a relative position bias table holds beyond the (2W-1)^2 patch offsets: class-to-patch,
-# patch-to-class and class-to-class (BEiT, arXiv 2106.08254, and timm's gen_relative_position_index).
+# Rows of a relative position bias table beyond the (2W-1)^2 patch offsets: class-to-patch,
+# patch-to-class and class-to-class (timm 1.0.31, layers/pos_embed_rel.py gen_relative_position_index).
 NUM_CLASS_ROWS = 3
 # Head width every released BEiT / data2vec-vision encoder uses (768/12, 1024/16); a fallback only.
 DEFAULT_HEAD_DIM = 64
@@ -52,10 +52,10 @@ def infer_arch(
 ) -> BeitArch:
     """Infer a :class:`BeitArch` from timm-layout tensor shapes.
 
-    Width and patch size come from ``patch_embed.proj.weight`` (embed_dim, in_chans, P, P), depth from
-    the block indices, MLP size from ``blocks.0.mlp.fc1.weight``, heads from the relative position
-    bias table (rows, heads), layer scale from ``gamma_1``, and the training resolution from the
-    table rows or ``pos_embed``. ``layer_norm_eps`` is not stored in a state dict, so the caller
+    Width and patch size come from ``patch_embed.proj.weight`` (embed_dim, in_chans, P, P), and depth
+    from the block indices. The MLP size comes from ``blocks.0.mlp.fc1.weight``, the head count from
+    the relative position bias table (rows, heads), and layer scale from ``gamma_1``. The training
+    resolution comes from the table rows or ``pos_embed``. ``layer_norm_eps`` is not stored in a state dict, so the caller
     gives it. ``img_size`` is only used when the checkpoint has no position table at all.
     """
     patch_weight = _require(state_dict, "patch_embed.proj.weight", origin)

@@ -38,7 +38,6 @@ FORMATS = ("hf-hub", "hf-dir", "hf-state-dict", "original", "deepspeed", "timm",
 STATE_DICT_PREFIXES = ("module.", "model.", "encoder.", "backbone.")
 # safetensors metadata keys written by `d2v-eval convert`.
 ARCH_METADATA_KEY = "d2v_eval.arch"
-SOURCE_METADATA_KEYS = ("d2v_eval.source", "d2v_eval.source_format", "d2v_eval.source_sha256")
 
 # LayerNorm eps is not stored in a state dict. The original code uses 1e-6
 # (facebookresearch/data2vec_vision beit/modeling_finetune.py, partial(nn.LayerNorm, eps=1e-6));
@@ -71,7 +70,7 @@ def _accepted_forms() -> str:
 
 
 def _is_safetensors(path: Path) -> bool:
-    """Whether ``path`` starts like a safetensors file: an 8-byte little-endian header size, then ``{``."""
+    """Return whether ``path`` starts like a safetensors file: an 8-byte little-endian header size, then ``{``."""
     with open(path, "rb") as handle:
         head = handle.read(9)
     if len(head) < 9 or head[8:9] != b"{":
@@ -148,7 +147,7 @@ def _to_timm_names(state_dict: StateDict, origin: str) -> tuple[StateDict, float
 
 
 def _select_state_dict(obj: Any, fmt: str, path: Path, use_ema: bool) -> StateDict:
-    """Pick the weights of format ``fmt`` out of a checkpoint object, or raise saying what it holds."""
+    """Pick the weights of format ``fmt`` out of a checkpoint object; raise naming what it contains otherwise."""
     if fmt == "original":
         name = "model_ema" if use_ema else "model"
         if not isinstance(obj, dict) or not is_state_dict(obj.get(name)):
@@ -258,11 +257,15 @@ def read_source(
         if use_ema:
             raise ValueError(f"use_ema=True needs an original training checkpoint, but {source!r} is a hub id")
         repo_id, revision = hub_id
-        if shapes_only:
-            config_path = fetch_hf_config(repo_id, revision)
-            return Checkpoint(source=source, format="hf-hub", arch=arch_from_hf_config(read_hf_config(config_path.parent)),
-                              state_dict={})
-        return _read_hf_directory(fetch_hf_model(repo_id, revision), source, "hf-hub", shapes_only)
+        try:
+            if shapes_only:
+                config_dir = fetch_hf_config(repo_id, revision).parent
+                arch = arch_from_hf_config(read_hf_config(config_dir))
+                return Checkpoint(source=source, format="hf-hub", arch=arch, state_dict={})
+            model_dir = fetch_hf_model(repo_id, revision)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"encoder source {source!r} is not a local path; as a hub id: {error}") from error
+        return _read_hf_directory(model_dir, source, "hf-hub", shapes_only)
     if not local:
         raise FileNotFoundError(f"encoder source {source!r} does not exist (format {format!r} needs a local path)")
 
