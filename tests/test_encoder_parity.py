@@ -195,3 +195,10 @@ def test_hf_state_dict_without_config(hf_model_dir):
     assert info.arch.layer_norm_eps == 1e-12
     assert info.arch.num_heads == 2
     assert torch.allclose(ours, theirs, atol=1e-6, rtol=0), (ours - theirs).abs().max()
+
+
+def test_non_transformers_config_is_an_error(hf_model_dir):
+    model_dir, _ = hf_model_dir(shared=True)
+    (model_dir / "config.json").write_text(json.dumps({"architecture": "beit_base_patch16_224", "num_classes": 1000}))
+    with pytest.raises(ValueError, match="is not a transformers Data2VecVision or BEiT config: it has no hidden_size"):
+        load_encoder(str(model_dir))

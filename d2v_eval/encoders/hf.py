@@ -66,6 +66,14 @@ def _square(value, name: str) -> int:
 
 def arch_from_hf_config(config: dict) -> BeitArch:
     """Read every architecture hyperparameter from a ``Data2VecVisionConfig`` (or ``BeitConfig``) dict."""
+    required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    missing = [name for name in required if name not in config]
+    if missing:
+        raise ValueError(
+            f"config.json (model_type {config.get('model_type')!r}) is not a transformers Data2VecVision or BEiT "
+            f"config: it has no {', '.join(missing)}. For a timm repository, pass its weights file "
+            "(model.safetensors) instead, whose architecture is read from the tensor shapes"
+        )
     if config.get("hidden_act", "gelu") != "gelu":
         raise ValueError(f"hidden_act {config['hidden_act']!r} is not supported; timm's Beit uses exact GELU")
     if config.get("use_shared_relative_position_bias"):
