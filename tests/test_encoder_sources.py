@@ -109,7 +109,7 @@ def test_original_use_ema_loads_model_ema(tmp_path, source):
     assert torch.allclose(tokens, source["ema_tokens"], atol=1e-6, rtol=0)
 
 
-def test_use_ema_without_model_ema_is_an_error(tmp_path, source):
+def test_use_ema_needs_model_ema(tmp_path, source):
     path = tmp_path / "mp_rank_00_model_states.pt"
     write_deepspeed(path, source)
     with pytest.raises(ValueError, match="use_ema=True needs an original training checkpoint"):
@@ -142,7 +142,7 @@ def test_convert_rejects_other_suffix(tmp_path, source, capsys):
     assert "must end in .safetensors" in capsys.readouterr().err
 
 
-def test_shared_bias_expanded_per_block_from_original(tmp_path, source):
+def test_original_shared_bias_expanded(tmp_path, source):
     path = tmp_path / "checkpoint.pth"
     write_original(path, source)
     encoder = load_encoder(str(path), global_pool="token", rel_pos_bias="per_block").eval()
@@ -157,7 +157,7 @@ def test_shared_bias_expanded_per_block_from_original(tmp_path, source):
     assert torch.allclose(tokens, source["tokens"], atol=1e-6, rtol=0)
 
 
-def test_shared_requested_from_per_block_is_an_error(tmp_path, source):
+def test_shared_from_per_block_rejected(tmp_path, source):
     path = tmp_path / "per-block.pth"
     per_block = build_beit(ARCH.replace(rel_pos_bias="per_block"), global_pool="token")
     torch.save(per_block.state_dict(), path)
@@ -230,7 +230,7 @@ def test_non_checkpoint_file_is_an_error(tmp_path, content):
         load_encoder(str(path))
 
 
-def test_tensor_dict_of_another_model_is_an_error(tmp_path):
+def test_other_model_weights_rejected(tmp_path):
     path = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(8, 3, 7, 7), "fc.weight": torch.zeros(10, 8)}, path)
     with pytest.raises(ValueError, match="not a recognised encoder checkpoint.*conv1.weight"):
@@ -342,7 +342,7 @@ def test_hub_id_loads_from_offline_cache(offline_hf_home, hf_model_dir):
     assert torch.allclose(ours, theirs, atol=1e-6, rtol=0)
 
 
-def test_uncached_hub_id_offline_names_id_and_fix(offline_hf_home):
+def test_uncached_hub_id_names_fix(offline_hf_home):
     with pytest.raises(FileNotFoundError, match=r"'facebook/data2vec-vision-large'.*hf download facebook/data2vec-vision-large"):
         load_encoder("facebook/data2vec-vision-large")
 

@@ -73,7 +73,7 @@ def _target_rel_pos_bias(stored: str, requested: RelPosBiasChoice) -> str:
 def expand_shared_rel_pos_bias(state_dict: StateDict, depth: int) -> None:
     """Replace the shared relative position bias table by an identical copy in every block (in place).
 
-    The shared key is consumed; ``relative_position_index`` buffers are never loaded, timm rebuilds them.
+    The shared key is removed. ``relative_position_index`` buffers are never loaded because timm rebuilds them.
     """
     table = state_dict.pop(SHARED_TABLE)
     for index in range(depth):
@@ -125,7 +125,7 @@ def _fit_heads(state_dict: StateDict, model: Beit, info: EncoderInfo, num_classe
             fresh = sorted(key for key in model_keys if key.startswith(name + "."))
             info.reinitialised.extend(fresh)
             if name == "norm":
-                log.warning("the checkpoint has no final norm (it was fine-tuned with mean pooling); "
+                log.warning("the checkpoint has no final norm (as after fine-tuning with mean pooling), so "
                             "CLS pooling uses a freshly initialised norm")
 
 
