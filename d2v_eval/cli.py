@@ -3,8 +3,9 @@
     d2v-eval fit --config configs/demo.yaml           # fine-tune, test, write the record, print it
     d2v-eval test --config CONFIG --ckpt_path CKPT    # evaluate a checkpoint on the test split
     d2v-eval report                                   # table of every record in results/runs/
+    d2v-eval convert SOURCE OUT.safetensors           # any encoder checkpoint as timm-layout safetensors
 
-``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI; ``report`` is our own subcommand.
+``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI; ``report`` and ``convert`` are our own subcommands.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from d2v_eval.results import ResultRecorder, runs_table
 # Subcommands that are not LightningCLI: name -> module with ``main(argv) -> int``.
 EXTRA_SUBCOMMANDS = {
     "report": "d2v_eval.results.cli",
+    "convert": "d2v_eval.encoders.cli",
 }
 
 

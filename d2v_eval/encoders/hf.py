@@ -15,7 +15,8 @@ import torch
 from d2v_eval.encoders.checkpoints import StateDict
 from d2v_eval.encoders.presets import BeitArch
 
-HF_PREFIX = "data2vec_vision."
+# Prefixes of the encoder inside transformers' task models (Data2VecVision*, Beit*).
+HF_PREFIXES = ("data2vec_vision.", "beit.")
 
 # Per-block renames: transformers name (after ``encoder.layer.{i}.``) -> timm name (after ``blocks.{i}.``).
 _BLOCK_RENAMES = {
@@ -65,6 +66,14 @@ def _square(value, name: str) -> int:
 
 def arch_from_hf_config(config: dict) -> BeitArch:
     """Read every architecture hyperparameter from a ``Data2VecVisionConfig`` (or ``BeitConfig``) dict."""
+    required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    missing = [name for name in required if name not in config]
+    if missing:
+        raise ValueError(
+            f"config.json (model_type {config.get('model_type')!r}) is not a transformers Data2VecVision or BEiT "
+            f"config: it has no {', '.join(missing)}. For a timm repository, pass its weights file "
+            "(model.safetensors) instead, whose architecture is read from the tensor shapes"
+        )
     if config.get("hidden_act", "gelu") != "gelu":
         raise ValueError(f"hidden_act {config['hidden_act']!r} is not supported; timm's Beit uses exact GELU")
     if config.get("use_shared_relative_position_bias"):
@@ -115,8 +124,14 @@ def convert_hf_state_dict(state_dict: StateDict) -> tuple[StateDict, list[str]]:
     qkv: dict[tuple[int, str, str], torch.Tensor] = {}
     unknown: list[str] = []
     for key, tensor in state_dict.items():
-        key = key[len(HF_PREFIX):] if key.startswith(HF_PREFIX) else key
+        for prefix in HF_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                break
         if key.endswith("relative_position_index"):
+            continue
+        if key.startswith("lm_head."):  # BeitForMaskedImageModeling; dropped later as pretraining-only
+            out[key] = tensor
             continue
         if key in _TOP_RENAMES:
             out[_TOP_RENAMES[key]] = tensor
@@ -137,3 +152,9 @@ def convert_hf_state_dict(state_dict: StateDict) -> tuple[StateDict, list[str]]:
         if (index, "value", "bias") in qkv:
             out[f"blocks.{index}.attn.v_bias"] = qkv[(index, "value", "bias")]
     return out, unknown
+
+
+def is_hf_layout(keys) -> bool:
+    """Return whether state-dict ``keys`` use transformers' names (``embeddings.patch_embeddings...``)."""
+    anchor = "embeddings.patch_embeddings.projection.weight"
+    return any(key == anchor or key.endswith("." + anchor) for key in keys)
