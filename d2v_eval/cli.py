@@ -49,7 +49,7 @@ def trainer_defaults() -> dict:
 class ResumableSaveConfig(SaveConfigCallback):
     """Lightning's config saving, but a run resumed with ``--ckpt_path`` may replace its own config.yaml.
 
-    A run with a fixed logger version (the Table 1 configs) resumes into the folder that holds the
+    A run with a fixed logger version (the Table 1 configs) resumes into the folder that contains the
     interrupted run's config.yaml; Lightning's callback would abort there to protect it.
     """
 

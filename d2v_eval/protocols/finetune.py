@@ -118,11 +118,16 @@ class FineTune(ClassificationModule):
     """Full fine-tuning of a BEiT encoder with mean pooling into a fresh ``fc_norm`` and a linear head.
 
     Defaults are the data2vec-vision ViT-B recipe (arXiv 2202.03555 section 4.1, and
-    facebookresearch/data2vec_vision beit/run_class_finetuning.py): AdamW (0.9, 0.999), layer decay
-    0.65, mixup 0.8 and cutmix 1.0 (prob 1.0, switch prob 0.5, batch mode) with label smoothing 0.1
-    folded into the soft targets, warmup from ``warmup_lr`` to the peak rate then cosine to
-    ``min_lr``, stepped every optimizer step. A fresh head is initialised by timm's ``Beit`` as the
-    reference does: truncated normal (std 0.02) scaled by 0.001 (``head_init_scale``).
+    facebookresearch/data2vec_vision beit/run_class_finetuning.py). The optimizer is AdamW (0.9, 0.999)
+    with layer decay 0.65. Mixup 0.8 and cutmix 1.0 (prob 1.0, switch prob 0.5, batch mode) mix the
+    batches, with label smoothing 0.1 folded into the soft targets. The learning rate warms up from
+    ``warmup_lr`` to the peak, then follows a cosine to ``min_lr``, stepped every optimizer step.
+    A fresh head is initialised by timm's ``Beit`` as the reference does: truncated normal
+    (std 0.02) scaled by 0.001 (``head_init_scale``).
+
+    A non-finite training loss stops the run with ``FloatingPointError`` naming the step, so logged
+    loss averages only ever contain finite values. Under ``16-mixed``, steps that the gradient
+    scaler skips for overflowing gradients still have a finite loss and are logged as usual.
 
     Augmentation (RandAugment, colour jitter, random erasing, bicubic resize) belongs to the data
     module; gradient clipping is Lightning's ``trainer.gradient_clip_val`` (the reference leaves it
@@ -221,6 +226,9 @@ class FineTune(ClassificationModule):
         if model_ema:
             self.model_ema = ModelEmaV3(self.model, decay=model_ema_decay)
             self.model_ema.requires_grad_(False)
+            # Only evaluation runs the EMA copy, and Lightning switches every module to eval mode for it.
+            # Train mode here keeps Lightning from warning about eval-mode modules when training starts.
+            self.model_ema.train()
             self.ema_metrics = torch.nn.ModuleDict({stage: _eval_metrics(num_classes) for stage in EVAL_STAGES})
             self.ema_loss = torch.nn.ModuleDict({stage: MeanMetric() for stage in EVAL_STAGES})
 
@@ -266,6 +274,9 @@ class FineTune(ClassificationModule):
         self._last_global_step = self.trainer.global_step  # non-zero after a resume
 
     def on_train_epoch_start(self) -> None:
+        # NOTE: exact only for resumes at an epoch boundary with num_workers=0. Loader workers take
+        # their seeds when the iterator is created, before this hook on a resumed run, and a mid-epoch
+        # checkpoint restarts the epoch's data order.
         seed = os.environ.get("PL_GLOBAL_SEED")
         if seed is not None:
             derived = reseed_for_epoch(int(seed), self.current_epoch, self.global_rank)
@@ -288,7 +299,7 @@ class FineTune(ClassificationModule):
             loss = F.cross_entropy(self(images), labels, label_smoothing=self.hparams.label_smoothing)
 
         if not torch.isfinite(loss):
-            # The reference stops on a non-finite loss too (beit/engine_for_finetuning.py).
+            # BEiT's engine_for_finetuning.py, which data2vec_vision builds on, stops here too.
             raise FloatingPointError(
                 f"training loss is {loss.item()} at optimizer step {self.global_step} "
                 f"(epoch {self.current_epoch}, batch {batch_idx}); lower lr, turn on gradient clipping "
