@@ -58,7 +58,7 @@ def test_vit_b_config_runs_two_steps(tmp_path, monkeypatch):
     assert list((tmp_path / "runs" / "table1" / "data2vec_vit_b_finetune" / "checkpoints").glob("*step=2.ckpt"))
 
 
-def test_vit_l_config_runs_two_steps_with_base_lr(tmp_path, monkeypatch):
+def test_vit_l_config_base_lr(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     main([
         "fit", "--config", str(TABLE1 / "data2vec_vit_l_finetune.yaml"), *TINY_CPU,

@@ -275,8 +275,8 @@ class FineTune(ClassificationModule):
 
     def on_train_epoch_start(self) -> None:
         # NOTE: exact only for resumes at an epoch boundary with num_workers=0. Loader workers take
-        # their seeds when the iterator is created, before this hook on a resumed run, and a mid-epoch
-        # checkpoint restarts the epoch's data order.
+        # their seeds when the iterator is created, before this hook on a resumed run. From a mid-epoch
+        # checkpoint Lightning cannot restore a plain DataLoader's position (it warns about that).
         seed = os.environ.get("PL_GLOBAL_SEED")
         if seed is not None:
             derived = reseed_for_epoch(int(seed), self.current_epoch, self.global_rank)
