@@ -17,13 +17,15 @@ import sys
 import yaml
 from jsonargparse import lazy_instance
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
-from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from d2v_eval.data import ImageClassificationData
 from d2v_eval.encoders import encoder_img_size
 from d2v_eval.protocols import ClassificationModule
 from d2v_eval.results import ResultRecorder, runs_table
+
+log = logging.getLogger(__name__)
 
 # Subcommands that are not LightningCLI: name -> module with ``main(argv) -> int``.
 EXTRA_SUBCOMMANDS = {
@@ -46,6 +48,19 @@ def trainer_defaults() -> dict:
     }
 
 
+class ResumableSaveConfig(SaveConfigCallback):
+    """Lightning's config saving, but a run resumed with ``--ckpt_path`` may replace its own config.yaml.
+
+    A run with a fixed logger version (the Table 1 configs) resumes into the folder that contains the
+    interrupted run's config.yaml; Lightning's callback would abort there to protect it.
+    """
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.config.get("ckpt_path"):
+            self.overwrite = True
+        super().setup(trainer, pl_module, stage)
+
+
 class D2VEvalCLI(LightningCLI):
     """LightningCLI with result recording, encoder/data argument links and an optional test after fit."""
 
@@ -54,6 +69,11 @@ class D2VEvalCLI(LightningCLI):
         parser.add_argument(
             "--test_after_fit", type=bool, default=True,
             help="after fit, evaluate the final weights on the test split and write its record",
+        )
+        parser.add_argument(
+            "--global_batch_size", type=int | None, default=None,
+            help="images per optimizer step over all devices and nodes; fit derives "
+            "trainer.accumulate_grad_batches = global_batch_size / (data.batch_size x devices x nodes)",
         )
         # The encoder fixes the input size; the data fixes the class count. Neither is typed twice.
         parser.link_arguments(
@@ -76,10 +96,43 @@ class D2VEvalCLI(LightningCLI):
         resolved = resolved.get(self.subcommand, resolved)
         # Values linked at instantiation are not in the parsed config; take them from the objects.
         resolved["model"].setdefault("init_args", {})["num_classes"] = self.model.hparams.num_classes
+        # Values set at run time: accumulation derived from global_batch_size, drop_last set by mixup.
+        resolved.get("trainer", {})["accumulate_grad_batches"] = self.trainer.accumulate_grad_batches
+        drop_last = getattr(self.datamodule, "hparams", {}).get("drop_last")
+        if drop_last is not None:
+            resolved.get("data", {})["drop_last"] = drop_last
         self._recorder().config = resolved
 
     def before_fit(self) -> None:
+        self._derive_accumulation()
         self._attach_config()
+
+    def _derive_accumulation(self) -> None:
+        """Set ``trainer.accumulate_grad_batches`` from ``global_batch_size`` (no-op when it is unset)."""
+        global_batch = self.config[self.subcommand].get("global_batch_size")
+        if global_batch is None:
+            return
+        per_device = int(self.datamodule.batch_size)
+        world_size = self.trainer.world_size  # devices x nodes, resolved by the Trainer
+        per_step = per_device * world_size
+        if global_batch <= 0 or global_batch % per_step:
+            raise ValueError(
+                f"global_batch_size {global_batch} is not a positive multiple of data.batch_size {per_device} x "
+                f"{world_size} processes (devices x nodes) = {per_step}; change global_batch_size, "
+                "data.batch_size or the number of devices"
+            )
+        accumulation = global_batch // per_step
+        configured = self.trainer.accumulate_grad_batches
+        if configured not in (1, accumulation):
+            raise ValueError(
+                f"trainer.accumulate_grad_batches {configured} contradicts global_batch_size {global_batch} = "
+                f"{per_device} per device x {world_size} processes x {accumulation}; leave it unset"
+            )
+        self.trainer.accumulate_grad_batches = accumulation
+        log.info(
+            "global batch %d = %d per device x %d processes x %d accumulation steps",
+            global_batch, per_device, world_size, accumulation,
+        )
 
     def before_validate(self) -> None:
         self._attach_config()
@@ -89,6 +142,7 @@ class D2VEvalCLI(LightningCLI):
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit"):
+            self._attach_config()
             self.trainer.test(self.model, datamodule=self.datamodule)
             self._print_written()
 
@@ -139,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(sorted(EXTRA_SUBCOMMANDS)) + " (run `d2v-eval report --help`)."
         },
         auto_configure_optimizers=False,
+        save_config_callback=ResumableSaveConfig,
     )
     return 0
 

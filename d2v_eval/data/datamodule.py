@@ -12,6 +12,7 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 
+from d2v_eval.data import timm_compat  # noqa: F401  (RandAugment posterize under Pillow 13)
 from d2v_eval.data.benchmarks import BENCHMARKS, Benchmark, get_benchmark
 from d2v_eval.data.digits import digits_path
 from d2v_eval.data.images import to_rgb

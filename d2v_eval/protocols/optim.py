@@ -23,7 +23,12 @@ LayerAssignment = Literal["reference", "timm"]
 def layer_id_for(name: str, depth: int, assignment: LayerAssignment = "reference") -> int:
     """Layer index of parameter ``name`` in a BEiT model with ``depth`` blocks.
 
-    ``assignment="timm"`` reproduces timm's BEiT group matcher, which puts ``rel_pos_bias`` in layer 0.
+    ``assignment="reference"`` (the default) follows data2vec_vision's ``get_num_layer_for_vit``:
+    cls_token, pos_embed and patch_embed are layer 0, ``blocks.i`` is layer i + 1, and everything
+    else, including a shared ``rel_pos_bias``, ``fc_norm`` and ``head``, is layer depth + 1 (scale 1.0).
+    ``assignment="timm"`` reproduces timm's BEiT group matcher (``Beit.group_matcher`` with
+    ``param_groups_layer_decay``, timm 1.0), which differs only in putting a shared ``rel_pos_bias``
+    in layer 0, where it gets the smallest learning rate. With per-block tables the two agree.
     """
     if name.startswith(("cls_token", "pos_embed", "patch_embed", "mask_token")):
         return 0
@@ -126,3 +131,21 @@ def check_schedule(*, lr: float, min_lr: float, warmup_lr: float, warmup_steps: 
             f"warmup of {warmup_steps} steps is longer than training ({total_steps} steps); "
             "shorten warmup_epochs or train for more epochs"
         )
+
+
+def resolve_peak_lr(*, lr: float | None, base_lr: float | None, global_batch_size: int | None) -> float:
+    """Peak learning rate: ``lr`` when given (absolute), else ``base_lr * global_batch_size / 256``.
+
+    The linear scaling rule with reference batch 256 is the one MAE's main_finetune.py applies to its
+    ``blr`` (facebookresearch/mae). data2vec-vision gives its peak rate as an absolute value instead.
+    """
+    if (lr is None) == (base_lr is None):
+        raise ValueError(
+            f"set exactly one of lr (absolute, got {lr}) and base_lr (per 256 images, got {base_lr}); "
+            "to use base_lr, also set lr to null"
+        )
+    if lr is not None:
+        return float(lr)
+    if global_batch_size is None:
+        raise ValueError("base_lr needs the global batch size; set an absolute lr or fit with a datamodule")
+    return float(base_lr) * global_batch_size / 256
