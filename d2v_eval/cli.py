@@ -15,10 +15,8 @@ import logging
 import sys
 
 import yaml
-from jsonargparse import lazy_instance
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
-from pytorch_lightning.loggers import TensorBoardLogger
 
 from d2v_eval.data import ImageClassificationData
 from d2v_eval.encoders import encoder_img_size
@@ -39,7 +37,11 @@ def trainer_defaults() -> dict:
     """Fresh Trainer defaults: TensorBoard logging, a rich progress bar, checkpoints in the run folder."""
     return {
         "default_root_dir": "runs",
-        "logger": lazy_instance(TensorBoardLogger, save_dir="runs", name="d2v_eval"),
+        # A class_path dict rather than a lazy instance, so that ddp_spawn can pickle the trainer.
+        "logger": {
+            "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+            "init_args": {"save_dir": "runs", "name": "d2v_eval"},
+        },
         "callbacks": [
             RichProgressBar(),
             LearningRateMonitor(logging_interval="step"),
