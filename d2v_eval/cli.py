@@ -3,6 +3,7 @@
     d2v-eval fit --config configs/demo.yaml           # fine-tune, test, write the record, print it
     d2v-eval test --config CONFIG --ckpt_path CKPT    # evaluate a checkpoint on the test split
     d2v-eval report                                   # table of every record in results/runs/
+    d2v-eval data list                                # the benchmark registry
 
 ``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI; ``report`` is our own subcommand.
 """
