@@ -37,7 +37,7 @@ RECIPES = {
     "basic": {},
     # NOTE: the recipe's policy is rand-m9-mstd0.5-inc1. With timm 1.0.31 and Pillow 13 it raises
     # "bits must be between or equal to 1 and 8" whenever the sampled magnitude reaches 10, because
-    # timm then asks Pillow's posterize for 0 bits, which Pillow 13 rejects. mmax9 caps the magnitude
+    # timm then requests a 0-bit posterize, which Pillow 13 rejects. mmax9 caps the magnitude
     # at 9 so the benchmark runs; the per-image cost is the same.
     "d2v_finetune": {"auto_augment": "rand-m9-mstd0.5-inc1-mmax9", "color_jitter": 0.4, "re_prob": 0.25},
 }
@@ -82,7 +82,7 @@ def data_loader(dataset: TransformedSplit, workers: int, batch_size: int = 32, e
 
 
 def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (Linux), else what ``platform`` reports."""
+    """Return the CPU model name from /proc/cpuinfo (Linux), else what ``platform`` reports."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

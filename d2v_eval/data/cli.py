@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 
 def registry_table() -> str:
-    """The registry as a Markdown table, one row per benchmark, then each entry's notes."""
+    """Format the registry as a Markdown table, one row per benchmark, followed by each entry's notes."""
     header = "| name | hub id (config) | train / validation / test | image, label | classes | metric |"
     lines = [header, "| --- | --- | --- | --- | --- | --- |"]
     for entry in BENCHMARKS.values():

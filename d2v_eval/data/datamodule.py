@@ -60,7 +60,11 @@ class TransformedSplit(Dataset):
         return len(self.split)
 
     def _describe(self, index: int, cell) -> str:
-        path = cell.get("path") if isinstance(cell, dict) else cell if isinstance(cell, str) else None
+        path = None
+        if isinstance(cell, dict):
+            path = cell.get("path")
+        elif isinstance(cell, str):
+            path = cell
         where = f"file {path}" if path else f"row {index} of the stored table"
         return f"sample {index} of split {self.split_name!r} ({where})"
 
@@ -121,8 +125,8 @@ class ImageClassificationData(pl.LightningDataModule):
             the registry still fixes split roles, columns, classes and metric.
         test_fraction: for a local dataset without a test split, carve a test split of this
             fraction from train (seeded by ``split_seed``, stratified like ``val_fraction``).
-        corrupt_policy: ``error`` stops at the first undecodable image, naming its index and file;
-            ``skip`` leaves it out with a warning, and the result record counts the skipped samples.
+        corrupt_policy: ``error`` stops at the first undecodable image and names its index and file.
+            ``skip`` leaves such images out with one warning each, and the result record counts them.
     """
 
     def __init__(
@@ -389,7 +393,7 @@ class ImageClassificationData(pl.LightningDataModule):
 
 
 def _labels(split, label_column: str) -> np.ndarray:
-    """The label column as a NumPy array, honouring any index mapping (e.g. after a carved split)."""
+    """Read the label column as a NumPy array, honouring any index mapping (e.g. after a carved split)."""
     return np.asarray(split.with_format("numpy")[label_column])
 
 
@@ -409,7 +413,7 @@ def check_labels(split, label_column: str, num_classes: int, *, split_name: str)
 
 
 def offline_hint(entry: Benchmark) -> str:
-    """How to make ``entry`` available on a machine without network access."""
+    """Describe how to make ``entry`` available on a machine without network access."""
     return (
         f"on a machine with network access run `d2v-eval data prepare {entry.name}` with the same "
         "HF_HOME (or HF_DATASETS_CACHE) as the offline job, then run offline with HF_DATASETS_OFFLINE=1; "

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-# What PIL raises on unreadable, truncated or hostile files: UnidentifiedImageError and truncation
-# are OSError; some plugins raise SyntaxError, ValueError or EOFError on malformed headers.
+# Exceptions PIL raises on unreadable, truncated or hostile files. UnidentifiedImageError and
+# truncation are OSError, and some plugins raise SyntaxError, ValueError or EOFError on bad headers.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 # Background for transparent pixels: white, so that transparent regions of RGBA/LA/P images do not

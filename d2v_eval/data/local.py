@@ -49,7 +49,7 @@ def _class_files(split_dir: Path) -> dict[str, list[Path]]:
     stray = sorted(p.name for p in split_dir.iterdir() if p.is_file() and not p.name.startswith("."))
     if stray:
         raise ValueError(
-            f"{split_dir} holds files outside any class folder ({', '.join(stray[:3])}"
+            f"{split_dir} contains files outside any class folder ({', '.join(stray[:3])}"
             f"{', ...' if len(stray) > 3 else ''}); move each file into a folder named after its class"
         )
     classes: dict[str, list[Path]] = {}
