@@ -4,6 +4,7 @@
     d2v-eval test --config CONFIG --ckpt_path CKPT    # evaluate a checkpoint on the test split
     d2v-eval report                                   # table of every record in results/runs/
     d2v-eval convert SOURCE OUT.safetensors           # any encoder checkpoint as timm-layout safetensors
+    d2v-eval data list                                # the benchmark registry
 
 ``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI; ``report`` and ``convert`` are our own subcommands.
 """
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 EXTRA_SUBCOMMANDS = {
     "report": "d2v_eval.results.cli",
     "convert": "d2v_eval.encoders.cli",
+    "data": "d2v_eval.data.cli",
 }
 
 

@@ -67,3 +67,75 @@ def test_carved_validation_is_stratified_and_disjoint():
     overlap = sum(np.asarray(img).tobytes() + bytes([lbl]) in train_pixels
                   for img, lbl in zip(validation["image"], validation["label"]))
     assert overlap < 5  # digits has a few duplicate scans, never a shared row
+
+
+def _encoded(image: Image.Image, format: str, **options) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def test_int32_mode_rescaled_not_clipped():
+    values = np.linspace(-70000, 70000, 256).reshape(16, 16).astype(np.int32)
+    rgb = np.asarray(to_rgb(Image.fromarray(values, mode="I")))
+    assert rgb.min() == 0
+    assert rgb.max() == 255
+    assert len(np.unique(rgb[..., 0])) > 200
+
+
+def test_palette_transparency_on_white():
+    image = Image.fromarray(np.tile(np.arange(16, dtype=np.uint8) * 16, (16, 1)), mode="L").convert("P")
+    image.info["transparency"] = int(np.asarray(image)[0, 0])
+    rgb = np.asarray(to_rgb(image))
+    assert (rgb[:, 0] == 255).all()
+    assert rgb[:, 1:].min() < 255
+
+
+def test_la_transparency_on_white():
+    grey = np.zeros((8, 8), dtype=np.uint8)
+    alpha = np.zeros((8, 8), dtype=np.uint8)
+    alpha[:, 4:] = 255
+    image = Image.merge("LA", (Image.fromarray(grey), Image.fromarray(alpha)))
+    rgb = np.asarray(to_rgb(image))
+    assert (rgb[:, :4] == 255).all()
+    assert (rgb[:, 4:] == 0).all()
+
+
+def test_exif_orientation_applied():
+    from d2v_eval.data.images import decode_image
+
+    wide = Image.new("RGB", (8, 4), (10, 20, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    assert decode_image(_encoded(wide, "JPEG", exif=exif)).size == (4, 8)
+
+
+@pytest.mark.parametrize("mode,format", [
+    ("L", "PNG"), ("LA", "PNG"), ("P", "PNG"), ("RGBA", "PNG"), ("CMYK", "JPEG"), ("I;16", "PNG"), ("CMYK", "TIFF"),
+])
+def test_encoded_mode_through_dataset(mode, format):
+    from datasets import ClassLabel, Dataset, Features, Image as ImageFeature
+
+    from d2v_eval.data.datamodule import TransformedSplit
+
+    encoded = _encoded(_modes()[mode], format)
+    features = Features({"image": ImageFeature(), "label": ClassLabel(num_classes=2)})
+    split = Dataset.from_dict({"image": [{"bytes": encoded, "path": None}], "label": [1]}, features=features)
+    data = ImageClassificationData("digits", input_size=16, num_workers=0)
+    for is_training in (True, False):
+        dataset = TransformedSplit(split, data.build_transform(is_training), "image", "label", split_name="x")
+        tensor, label = dataset[0]
+        assert tuple(tensor.shape) == (3, 16, 16)
+        assert bool(np.isfinite(tensor.numpy()).all())
+        assert label == 1
+
+
+def test_sixteen_bit_contrast_after_transform():
+    data = ImageClassificationData("digits", input_size=16, num_workers=0)
+    tensor = data.build_transform(is_training=False)(to_rgb(_modes()["I;16"]))
+    # mean = std = 0.5 maps 8-bit 0..255 to -1..1; a clipped 16-bit image would be flat at 1.
+    # The centre crop (crop_pct 0.875) cuts the extreme pixels of the gradient.
+    assert float(tensor.min()) < -0.8
+    assert float(tensor.max()) > 0.8

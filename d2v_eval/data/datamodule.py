@@ -4,54 +4,116 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
-from datasets import ClassLabel, DatasetDict, load_dataset, load_from_disk
+from datasets import ClassLabel, DatasetDict, Image as ImageFeature, load_dataset, load_from_disk
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from timm.data import create_transform
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from d2v_eval.data import timm_compat  # noqa: F401  (RandAugment posterize under Pillow 13)
-from d2v_eval.data.benchmarks import BENCHMARKS, Benchmark, get_benchmark
-from d2v_eval.data.digits import digits_path
-from d2v_eval.data.images import to_rgb
+from d2v_eval.data.benchmarks import BENCHMARKS, Benchmark, get_benchmark, local_entry
+from d2v_eval.data.columns import resolve_columns
+from d2v_eval.data.digits import cache_root, digits_path
+from d2v_eval.data.images import DECODE_ERRORS, decode_image
+from d2v_eval.data.local import load_local
 
 log = logging.getLogger(__name__)
 
 # data2vec-vision normalisation (facebookresearch/data2vec_vision, beit/datasets.py: mean = std = 0.5).
 D2V_MEAN = (0.5, 0.5, 0.5)
 D2V_STD = (0.5, 0.5, 0.5)
-# Name of a validation split carved from train by ``val_fraction``.
+# Names of validation and test splits carved from train by ``val_fraction`` and ``test_fraction``.
 CARVED_VALIDATION = "validation_from_train"
+CARVED_TEST = "test_from_train"
+CorruptPolicy = Literal["error", "skip"]
+CORRUPT_POLICIES = ("error", "skip")
+
+
+class CorruptImageError(RuntimeError):
+    """An image that cannot be decoded under the ``error`` corrupt-file policy."""
 
 
 class TransformedSplit(Dataset):
-    """A Hugging Face split seen as ``(image tensor (3, H, W), label)`` pairs."""
+    """A Hugging Face split seen as ``(image tensor (3, H, W), label)`` pairs.
 
-    def __init__(self, split, transform, image_column: str, label_column: str):
+    Images are decoded here (the column is read with ``decode=False``) so that a bad file is caught
+    with its sample index and path. Under ``corrupt_policy="skip"`` a bad sample logs one warning and
+    yields None, which :func:`collate_skipping_none` drops from its batch.
+    """
+
+    def __init__(self, split, transform, image_column: str, label_column: str, *,
+                 corrupt_policy: CorruptPolicy = "error", split_name: str = ""):
+        feature = split.features.get(image_column)
+        if isinstance(feature, ImageFeature) and feature.decode:
+            split = split.cast_column(image_column, ImageFeature(decode=False))
         self.split = split
         self.transform = transform
         self.image_column = image_column
         self.label_column = label_column
+        self.corrupt_policy = corrupt_policy
+        self.split_name = split_name
 
     def __len__(self) -> int:
         return len(self.split)
 
+    def _describe(self, index: int, cell) -> str:
+        path = None
+        if isinstance(cell, dict):
+            path = cell.get("path")
+        elif isinstance(cell, str):
+            path = cell
+        where = f"file {path}" if path else f"row {index} of the stored table"
+        return f"sample {index} of split {self.split_name!r} ({where})"
+
     def __getitem__(self, index: int):
         row = self.split[index]
-        image = to_rgb(row[self.image_column])
+        cell = row[self.image_column]
+        try:
+            image = decode_image(cell)
+        except DECODE_ERRORS as error:
+            where = self._describe(index, cell)
+            if self.corrupt_policy == "error":
+                raise CorruptImageError(
+                    f"cannot decode {where}: {error}; fix or remove the file, or set "
+                    "data.corrupt_policy=skip to leave bad samples out (the record counts them)"
+                ) from error
+            log.warning("skipping %s: %s", where, error)
+            return None
         return self.transform(image), int(row[self.label_column])
+
+
+class CollateSkippingNone:
+    """``default_collate`` without the samples that ``TransformedSplit`` skipped (None).
+
+    A batch whose samples were all skipped becomes images ``(0, 3, input_size, input_size)`` and
+    labels ``(0,)``. A class rather than a closure so that data-loader workers can pickle it.
+    """
+
+    def __init__(self, input_size: int):
+        self.input_size = input_size
+
+    def __call__(self, batch: list):
+        kept = [sample for sample in batch if sample is not None]
+        if not kept:
+            return torch.empty(0, 3, self.input_size, self.input_size), torch.empty(0, dtype=torch.long)
+        return default_collate(kept)
 
 
 class ImageClassificationData(pl.LightningDataModule):
     """Image classification data for a named benchmark or a local dataset.
 
     Args:
-        benchmark: a registry name (``d2v-eval data list``) or the path of a dataset saved with
-            ``DatasetDict.save_to_disk``.
+        benchmark: a registry name (``d2v-eval data list``) or the path of a local dataset (a
+            ``save_to_disk`` folder, parquet files or a class-folder tree; see
+            :func:`d2v_eval.data.local.load_local`).
         input_size: input resolution in pixels (square); LightningCLI links it from the encoder.
         batch_size: samples per device and step.
+        image_column, label_column: column names; they win over the registry entry's names, which
+            win over detection from the features (the only ``Image`` and ``ClassLabel`` columns).
         hflip, scale, auto_augment, color_jitter, re_prob: training augmentation, passed to timm's
             ``create_transform`` (``auto_augment`` e.g. ``"rand-m9-mstd0.5-inc1"``).
         crop_pct: evaluation resizes to ``img_size / crop_pct`` then centre-crops ``img_size``.
@@ -59,6 +121,13 @@ class ImageClassificationData(pl.LightningDataModule):
         val_fraction: when set, carve a validation split of this fraction from train (seeded by
             ``split_seed``, stratified by label when the label column is a ``ClassLabel``) instead of
             using the benchmark's own validation split. Hyperparameters are selected on it, never on test.
+        data_path: a local copy of the registry benchmark ``benchmark`` (same layouts as a local
+            ``benchmark`` path, e.g. an ILSVRC-2012 tree with ``train/`` and ``val/`` class folders);
+            the registry still fixes split roles, columns, classes and metric.
+        test_fraction: for a local dataset without a test split, carve a test split of this
+            fraction from train (seeded by ``split_seed``, stratified like ``val_fraction``).
+        corrupt_policy: ``error`` stops at the first undecodable image and names its index and file.
+            ``skip`` leaves such images out with one warning each, and the result record counts them.
     """
 
     def __init__(
@@ -80,20 +149,36 @@ class ImageClassificationData(pl.LightningDataModule):
         drop_last: bool = False,
         val_fraction: float | None = None,
         split_seed: int = 0,
+        data_path: str | None = None,
+        test_fraction: float | None = None,
+        corrupt_policy: CorruptPolicy = "error",
     ):
         super().__init__()
         self.save_hyperparameters()
         self.benchmark = benchmark
         self.entry = self._resolve_entry(benchmark)
+        if data_path is not None and benchmark not in BENCHMARKS:
+            raise ValueError(
+                f"data_path {data_path!r} needs a registry benchmark name, got {benchmark!r}; "
+                "pass the path as data.benchmark for a dataset outside the registry"
+            )
+        self.data_path = data_path
         self.input_size = input_size
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.image_column = image_column or self.entry.image_column
-        self.label_column = label_column or self.entry.label_column
-        if val_fraction is not None and not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction {val_fraction} must lie in (0, 1), e.g. 0.1")
+        # Requested names; the resolved names are set by load_splits (None until then for detection).
+        self._requested_columns = (image_column or self.entry.image_column, label_column or self.entry.label_column)
+        self._column_source = "set in data" if image_column or label_column else f"registry entry {self.entry.name!r}"
+        self.image_column, self.label_column = self._requested_columns
+        for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if fraction is not None and not 0.0 < fraction < 1.0:
+                raise ValueError(f"{name} {fraction} must lie in (0, 1), e.g. 0.1")
+        if corrupt_policy not in CORRUPT_POLICIES:
+            raise ValueError(f"corrupt_policy {corrupt_policy!r} is invalid; choose one of {', '.join(CORRUPT_POLICIES)}")
         self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
         self.split_seed = split_seed
+        self.corrupt_policy = corrupt_policy
         # role -> split name; a carved validation split gets its own name.
         self.splits = dict(self.entry.splits)
         if val_fraction is not None:
@@ -106,40 +191,86 @@ class ImageClassificationData(pl.LightningDataModule):
         if benchmark in BENCHMARKS:
             return BENCHMARKS[benchmark]
         if Path(benchmark).expanduser().exists():
-            return Benchmark(
-                name=str(benchmark), hub_id=None, num_classes=-1,
-                splits={"train": "train", "validation": "validation", "test": "test"},
-            )
+            return local_entry(benchmark)
         return get_benchmark(benchmark)  # raises with the list of valid names
+
+    @property
+    def is_local(self) -> bool:
+        """True for a dataset given by path rather than by registry name."""
+        return self.benchmark not in BENCHMARKS
 
     # ---- loading -----------------------------------------------------------------------------
 
     def load_splits(self) -> DatasetDict:
-        """Return the benchmark's splits (loaded once)."""
+        """Return the benchmark's splits (loaded once); resolves the image and label columns."""
         if self._splits is None:
-            if self.entry.name == "digits":
-                self._splits = load_from_disk(str(digits_path()))
-            elif self.entry.hub_id is not None:
-                self._splits = load_dataset(self.entry.hub_id, self.entry.hub_config)
-            else:
-                self._splits = load_from_disk(str(Path(self.benchmark).expanduser()))
+            splits = self._load_raw()
+            if self.is_local:
+                self._assign_local_roles(splits)
+            self._check_split_names(splits)
+            features = splits[self.splits["train"]].features
+            self.image_column, self.label_column = resolve_columns(
+                features, image_column=self._requested_columns[0], label_column=self._requested_columns[1],
+                source=self._column_source,
+            )
+            if self.is_local and self.splits.get("test") is None and self.test_fraction is not None:
+                splits = self._carve(splits, self.test_fraction, CARVED_TEST)
+                self.splits["test"] = CARVED_TEST
             if self.val_fraction is not None:
-                self._splits = self._carve_validation(self._splits)
+                splits = self._carve(splits, self.val_fraction, CARVED_VALIDATION)
+            self._splits = splits
         return self._splits
 
-    def _carve_validation(self, splits: DatasetDict) -> DatasetDict:
-        train_name = self.entry.splits["train"]
+    def _load_raw(self) -> DatasetDict:
+        entry = self.entry
+        if self.data_path is not None:
+            return load_local(self.data_path, cache_dir=str(cache_root() / "hf_datasets"))
+        if entry.name == "digits":
+            return load_from_disk(str(digits_path()))
+        if entry.hub_id is not None:
+            return load_hub(entry)
+        return load_local(self.benchmark, cache_dir=str(cache_root() / "hf_datasets"))
+
+    def _assign_local_roles(self, splits: DatasetDict) -> None:
+        """Map roles to the split names a local dataset actually has."""
+        available = set(splits)
+        if "train" not in available:
+            raise ValueError(
+                f"local dataset {self.benchmark!r} has no train split (splits: {', '.join(sorted(available))}); "
+                "name the training split 'train'"
+            )
+        self.splits["validation"] = (
+            CARVED_VALIDATION if self.val_fraction is not None
+            else "validation" if "validation" in available else None
+        )
+        self.splits["test"] = "test" if "test" in available else None
+
+    def _check_split_names(self, splits: DatasetDict) -> None:
+        for role, name in self.splits.items():
+            if name is not None and name not in (CARVED_VALIDATION, CARVED_TEST) and name not in splits:
+                raise ValueError(
+                    f"benchmark {self.entry.name!r}: the {role} split {name!r} is missing; "
+                    f"available splits: {', '.join(splits)}"
+                )
+
+    def _carve(self, splits: DatasetDict, fraction: float, name: str) -> DatasetDict:
+        train_name = self.splits["train"]
         train = splits[train_name]
         stratify = self.label_column if isinstance(train.features.get(self.label_column), ClassLabel) else None
-        parts = train.train_test_split(
-            test_size=self.val_fraction, seed=self.split_seed, stratify_by_column=stratify
-        )
-        return DatasetDict({**splits, train_name: parts["train"], CARVED_VALIDATION: parts["test"]})
+        parts = train.train_test_split(test_size=fraction, seed=self.split_seed, stratify_by_column=stratify)
+        return DatasetDict({**splits, train_name: parts["train"], name: parts["test"]})
 
     def split_name(self, role: str) -> str:
         """Dataset split used for ``role`` (``train``, ``validation`` or ``test``)."""
+        if role not in self.splits:
+            raise ValueError(f"unknown role {role!r}; valid roles: {', '.join(self.splits)}")
         name = self.splits.get(role)
         if name is None:
+            if role == "test":
+                raise ValueError(
+                    f"local dataset {self.entry.name!r} has no test split; add a test/ folder or split, "
+                    "or set data.test_fraction (e.g. 0.2) to carve a seeded one from train"
+                )
             raise ValueError(
                 f"benchmark {self.entry.name!r} has no {role} split besides the reported one; "
                 "set data.val_fraction (e.g. 0.1) to carve a seeded validation split from train"
@@ -155,7 +286,20 @@ class ImageClassificationData(pl.LightningDataModule):
         feature = splits[self.split_name("train")].features[self.label_column]
         if isinstance(feature, ClassLabel):
             return feature.num_classes
-        return int(max(max(splits[name][self.label_column]) for name in splits)) + 1
+        return int(max(int(np.max(_labels(splits[name], self.label_column))) for name in splits)) + 1
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Class names by label index: the registry's, else the ``ClassLabel`` names, else None."""
+        if self.entry.class_names is not None:
+            return list(self.entry.class_names)
+        feature = self.load_splits()[self.split_name("train")].features[self.label_column]
+        return list(feature.names) if isinstance(feature, ClassLabel) else None
+
+    @property
+    def metric(self) -> str:
+        """The benchmark's standard metric name (``top1`` or ``mean_per_class``)."""
+        return self.entry.metric
 
     # ---- transforms --------------------------------------------------------------------------
 
@@ -185,9 +329,12 @@ class ImageClassificationData(pl.LightningDataModule):
         for role in roles:
             if role == "validation" and self.splits.get("validation") is None:
                 continue
+            name = self.split_name(role)
+            check_labels(splits[name], self.label_column, self.num_classes, split_name=name)
             self.datasets[role] = TransformedSplit(
-                splits[self.split_name(role)], self.build_transform(is_training=role == "train"),
+                splits[name], self.build_transform(is_training=role == "train"),
                 self.image_column, self.label_column,
+                corrupt_policy=self.corrupt_policy, split_name=name,
             )
 
     # ---- loaders -----------------------------------------------------------------------------
@@ -210,6 +357,7 @@ class ImageClassificationData(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             drop_last=drop_last,
+            collate_fn=CollateSkippingNone(self.input_size) if self.corrupt_policy == "skip" else None,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -226,3 +374,62 @@ class ImageClassificationData(pl.LightningDataModule):
 
     def split_size(self, role: str) -> int:
         return len(self.datasets[role])
+
+    # ---- result records ----------------------------------------------------------------------
+
+    def record_extras(self, role: str, num_samples: int) -> dict:
+        """Record fields for an evaluated ``role``: split size, skipped samples and standard metric.
+
+        ``num_samples`` is the count of samples evaluated over all processes; the difference to the
+        split size is what the ``skip`` corrupt-file policy left out.
+        """
+        split_size = self.split_size(role) if role in self.datasets else None
+        skipped = split_size - num_samples if split_size is not None else None
+        if skipped:
+            log.warning(
+                "split %r: evaluated %d of %d samples, %d skipped as undecodable",
+                self.split_name(role), num_samples, split_size, skipped,
+            )
+        return {"split_size": split_size, "num_skipped": skipped, "metric": self.metric}
+
+
+def _labels(split, label_column: str) -> np.ndarray:
+    """Read the label column as a NumPy array, honouring any index mapping (e.g. after a carved split)."""
+    return np.asarray(split.with_format("numpy")[label_column])
+
+
+def check_labels(split, label_column: str, num_classes: int, *, split_name: str) -> None:
+    """Raise ``ValueError`` naming the first sample whose label lies outside ``[0, num_classes)``."""
+    labels = _labels(split, label_column)
+    if labels.size == 0:
+        return
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        first = int(bad[0])
+        raise ValueError(
+            f"split {split_name!r}: label {labels[first]} of sample {first} lies outside [0, {num_classes}) "
+            f"({bad.size} such samples); check data.label_column ({label_column!r}) and the benchmark's "
+            "class count"
+        )
+
+
+def offline_hint(entry: Benchmark) -> str:
+    """Describe how to make ``entry`` available on a machine without network access."""
+    return (
+        f"on a machine with network access run `d2v-eval data prepare {entry.name}` with the same "
+        "HF_HOME (or HF_DATASETS_CACHE) as the offline job, then run offline with HF_DATASETS_OFFLINE=1; "
+        f"or pass a local copy with data.data_path"
+    )
+
+
+def load_hub(entry: Benchmark) -> DatasetDict:
+    """Load ``entry`` from the Hugging Face hub or its cache, with an actionable error when unreachable."""
+    try:
+        return load_dataset(entry.hub_id, entry.hub_config)
+    except (ConnectionError, FileNotFoundError) as error:
+        gated = " It is gated: accept its terms on the hub and log in (`hf auth login`) first." if (
+            entry.name == "imagenet-1k") else ""
+        raise ConnectionError(
+            f"benchmark {entry.name!r} (hub dataset {entry.hub_id!r}) is neither reachable nor in the "
+            f"Hugging Face cache: {error}.{gated} To prepare it: {offline_hint(entry)}"
+        ) from error

@@ -1,9 +1,16 @@
-"""Decoding of any PIL image mode to 8-bit RGB."""
+"""Decoding of stored images (bytes, files, any PIL mode) to 8-bit RGB."""
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import numpy as np
 from PIL import Image, ImageOps
+
+# Exceptions PIL raises on unreadable, truncated or hostile files. UnidentifiedImageError and
+# truncation are OSError, and some plugins raise SyntaxError, ValueError or EOFError on bad headers.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 # Background for transparent pixels: white, so that transparent regions of RGBA/LA/P images do not
 # turn black by accident when the alpha channel is dropped.
@@ -44,3 +51,30 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return Image.fromarray(grey, mode="L").convert("RGB")
 
     return image.convert("RGB")
+
+
+def decode_image(value) -> Image.Image:
+    """Decode one stored image and return it as 8-bit RGB (see :func:`to_rgb`).
+
+    ``value`` is a PIL image, a ``{"bytes", "path"}`` dict (a ``datasets.Image(decode=False)`` cell),
+    raw bytes or a file path. The pixels are read in full here, so a truncated file raises here and
+    not later inside a transform. Raises one of ``DECODE_ERRORS`` for an unreadable image.
+    """
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path")
+        if data is None and not path:
+            raise ValueError("image cell has neither bytes nor a path")
+        value = data if data is not None else path
+    if isinstance(value, Image.Image):
+        image = value
+        image.load()
+    elif isinstance(value, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(value))
+        image.load()
+    elif isinstance(value, (str, Path)):
+        with open(value, "rb") as file:
+            image = Image.open(file)
+            image.load()
+    else:
+        raise ValueError(f"cannot decode an image from a {type(value).__name__}")
+    return to_rgb(image)

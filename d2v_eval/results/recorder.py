@@ -101,6 +101,10 @@ class ResultRecorder(Callback):
             "sweep": os.environ.get(SWEEP_ENV),
             "trial": os.environ.get(TRIAL_ENV),
         }
+        # The data module adds split facts (split size, samples skipped as undecodable, standard metric).
+        data_extras = getattr(datamodule, "record_extras", None)
+        if callable(data_extras):
+            record.update(data_extras(role, num_samples))
         # Protocols add their own fields (e.g. every head's validation score) through record_extras.
         extras = getattr(pl_module, "record_extras", None)
         if callable(extras):
