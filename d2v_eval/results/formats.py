@@ -92,7 +92,7 @@ def latex_escape(text: str) -> str:
 
 
 def to_latex(table: Table) -> str:
-    """A booktabs ``tabular`` (``\\toprule``, ``\\midrule``, ``\\bottomrule``); notes and warnings as comments.
+    """Render a booktabs ``tabular`` (``\\toprule``, ``\\midrule``, ``\\bottomrule``); notes and warnings as comments.
 
     A ``\\midrule`` separates published reference rows from measured rows.
     """

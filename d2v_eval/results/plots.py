@@ -132,7 +132,7 @@ def read_scalars(log_dir: str | Path, tags: tuple[str, ...] | list[str]) -> dict
 
 def plot_curves(runs: dict[str, str | Path], out_dir: str | Path, *, tags=DEFAULT_SCALARS,
                 name: str = "curves") -> list[Path]:
-    """One panel per scalar tag, one line per run; ``runs`` maps a label to a TensorBoard log folder."""
+    """Plot one panel per scalar tag and one line per run; ``runs`` maps a label to a TensorBoard log folder."""
     tags = list(tags)
     curves = {label: read_scalars(log_dir, tags) for label, log_dir in runs.items()}
     found = [tag for tag in tags if any(tag in by_tag for by_tag in curves.values())]

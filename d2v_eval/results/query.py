@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import statistics
 from datetime import datetime, timezone
 
 from d2v_eval.data.benchmarks import BENCHMARKS
 
+log = logging.getLogger(__name__)
+
+# Returned by ``lookup`` for a key that is not set (None can be a set value).
 MISSING = object()
 
 # Split names that are validation data whatever the benchmark (the carved split is the datamodule's).
@@ -117,7 +121,11 @@ class RecordFilter:
         if self.tags and not set(self.tags) <= set(record.get("tags") or []):
             return False
         if self.since is not None or self.until is not None:
-            created = parse_time(str(record.get("created_at")))
+            try:
+                created = parse_time(str(record.get("created_at")))
+            except ValueError as error:
+                log.warning("skipping record %s in a date filter: %s", record.get("_path", record.get("run_id")), error)
+                return False
             if self.since is not None and created < self.since:
                 return False
             if self.until is not None and created > self.until:
@@ -165,7 +173,7 @@ def validation_score(trial_records: list[dict], metric: str) -> float | None:
 
 @dataclasses.dataclass
 class Selection:
-    """Test records chosen for one table cell, and why (``note`` says why none were chosen)."""
+    """Test records chosen for one table cell; ``note`` gives the reason when none were chosen."""
 
     records: list[dict]
     note: str = ""

@@ -14,7 +14,7 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """Where a published number comes from: paper, arXiv id and table (``note`` for caveats)."""
+    """Source of a published number: paper, arXiv id and table (``note`` for caveats)."""
 
     paper: str
     arxiv: str

@@ -1,6 +1,6 @@
 """Tables built from result records (never edited by hand): runs, data2vec's Table 1, transfer.
 
-Every measured cell keeps the run ids of the records behind it; published numbers come from
+Every measured cell keeps the run ids of the records behind it. Published numbers come from
 ``references.py`` and sit in rows of their own, labelled with their source.
 """
 
@@ -101,7 +101,7 @@ def short_citation(reference: Reference) -> str:
 
 
 def reference_notes(rows: list[Row], references: list[Reference]) -> list[str]:
-    """One note with the full citation of each source that a reference row of ``rows`` cites."""
+    """Build one note with the full citation of each source that a reference row of ``rows`` cites."""
     shown = {row.source for row in rows if row.kind == "reference"}
     sources = {ref.source.cite(): short_citation(ref) for ref in references}
     return [f"Published rows: {cite}." for cite, short in sources.items() if short in shown]
@@ -124,7 +124,7 @@ def setting_value(record: dict, setting: str) -> str:
 
 
 def comparability_warnings(records: list[dict], *, max_ids: int = 3) -> list[str]:
-    """One warning per setting in which ``records`` (the records behind cells side by side) differ.
+    """Build one warning per setting in which ``records`` (the records behind cells side by side) differ.
 
     Each warning lists every value with the runs that have it, e.g.
     ``resolution differs: 16 (runs a); 224 (runs b, c)``.
@@ -169,10 +169,10 @@ def _common_notes(records: list[dict], best_by: str | None) -> list[str]:
 
 def table1(records: list[dict], *, benchmark: str = "imagenet-1k", protocol: str = "finetune",
            metric: str = "top1", best_by: str | None = None, group_by: list[str] | None = None) -> Table:
-    """data2vec's Table 1 layout: methods x (ViT-B/16, ViT-L/16), published rows then "this run" rows.
+    """Build data2vec's Table 1 layout: methods x (ViT-B/16, ViT-L/16), published rows then "this run" rows.
 
     Measured rows take the ``benchmark``/``protocol`` records, one row per ``group_by`` value
-    combination; a cell without records says "not run".
+    combination; a cell without records reads "not run".
     """
     group_by = list(group_by or [])
     references = find_references(benchmark=benchmark, protocol=protocol)
@@ -214,7 +214,7 @@ def _benchmark_order(names: set[str]) -> list[str]:
 
 
 def benchmark_metric(benchmark: str) -> str:
-    """The standard metric of ``benchmark`` from the registry (``top1`` for unregistered benchmarks)."""
+    """Return the standard metric of ``benchmark`` from the registry (``top1`` for unregistered benchmarks)."""
     entry = BENCHMARKS.get(benchmark)
     return entry.metric if entry is not None else "top1"
 
@@ -285,7 +285,7 @@ def _fmt(value, digits: int = 2) -> str:
 
 
 def runs(records: list[dict]) -> Table:
-    """One row per record: benchmark, split, role, protocol, encoder, top-1, top-5, samples, date, run id."""
+    """Build a table with one row per record: benchmark, split, role, protocol, encoder, top-1, top-5, samples, date, run id."""
     rows = []
     for record in records:
         metrics = record.get("metrics", {})
