@@ -209,3 +209,9 @@ def test_report_cli_filters_and_formats(tmp_path, capsys, caplog):
     assert "invalid date 'June'" in capsys.readouterr().err
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
     assert len(read_records(tmp_path)) == 3
+
+
+def test_table1_group_by_rows():
+    records = [make_record("lr-low", 83.0, lr=1e-3), make_record("lr-high", 84.0, lr=4e-3)]
+    labels = [row.label for row in table1(records, group_by=["model.lr"]).rows if row.kind == "measured"]
+    assert labels == ["this run (model.lr=0.001)", "this run (model.lr=0.004)"]

@@ -67,15 +67,19 @@ def to_markdown(table: Table, *, with_title: bool = True) -> str:
 
 
 def to_csv(table: Table) -> str:
-    """CSV: the header row, one line per table row, and a last column ``runs`` with the cells' run ids."""
+    """Render CSV: the header, one line per table row, and a ``runs`` column with the cells' run ids.
+
+    Tables without run ids in their cells (the runs table, whose rows are records) have no ``runs`` column.
+    """
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([*_header(table), "runs"])
+    with_runs = any(cell.run_ids for row in table.rows for cell in row.cells)
+    writer.writerow([*_header(table), "runs"] if with_runs else _header(table))
     for row in table.rows:
         runs = "; ".join(
             f"{column}: {' '.join(cell.run_ids)}" for column, cell in zip(table.columns, row.cells) if cell.run_ids
         )
-        writer.writerow([*_row_values(table, row), runs])
+        writer.writerow([*_row_values(table, row), runs] if with_runs else _row_values(table, row))
     return buffer.getvalue().rstrip("\n")
 
 
@@ -97,7 +101,10 @@ def to_latex(table: Table) -> str:
     A ``\\midrule`` separates published reference rows from measured rows.
     """
     header = _header(table)
-    spec = "l" + "r" * len(table.columns) + ("l" if table.show_source else "")
+    if table.align is not None:
+        spec = "".join("r" if side == "right" else "l" for side in table.align)
+    else:
+        spec = "l" + "r" * len(table.columns) + ("l" if table.show_source else "")
     lines = [f"% {latex_escape(table.title)}", f"\\begin{{tabular}}{{{spec}}}", r"\toprule",
              " & ".join(latex_escape(value) for value in header) + r" \\", r"\midrule"]
     previous_kind = None
