@@ -215,3 +215,14 @@ def test_table1_group_by_rows():
     records = [make_record("lr-low", 83.0, lr=1e-3), make_record("lr-high", 84.0, lr=4e-3)]
     labels = [row.label for row in table1(records, group_by=["model.lr"]).rows if row.kind == "measured"]
     assert labels == ["this run (model.lr=0.001)", "this run (model.lr=0.004)"]
+
+
+def test_best_by_stored_validation_metrics():
+    # A protocol may store its validation scores in the test record itself.
+    first = make_record("stored-a", 70.0)
+    first["validation_metrics"] = {"top1": 90.0}
+    second = make_record("stored-b", 95.0)
+    second["validation_metrics"] = {"top1": 50.0}
+    cell = table1([first, second], best_by="top1").rows[-1].cells[0]
+    assert cell.run_ids == ["stored-a"]
+    assert cell.text == "70.00"
