@@ -39,6 +39,8 @@ def test_demo_fit_writes_record(tmp_path, monkeypatch, capsys):
     assert record["world_size"] == 1
     assert record["global_batch_size"] == 64
     assert record["seed"] == 0
+    assert record["role"] == "test"
+    assert Path(record["log_dir"]).is_dir()
     assert record["run_id"] in capsys.readouterr().out
     assert list((tmp_path / "runs").rglob("*.ckpt"))
 

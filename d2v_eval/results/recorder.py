@@ -85,6 +85,8 @@ class ResultRecorder(Callback):
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "benchmark": getattr(datamodule, "benchmark", None),
             "split": datamodule.split_name(role) if hasattr(datamodule, "split_name") else role,
+            # "validation" or "test": what the split was evaluated as (imagenet-1k's "validation" is its test).
+            "role": role,
             "num_samples": num_samples,
             "protocol": getattr(pl_module, "protocol", type(pl_module).__name__),
             "encoder": pl_module.encoder_info.as_record(),
@@ -97,6 +99,8 @@ class ResultRecorder(Callback):
             "git_commit": git_commit(),
             "duration_s": round(time.monotonic() - self._started, 3),
             "checkpoint": trainer.ckpt_path,
+            # Folder of the TensorBoard event files for this run (None without a logger).
+            "log_dir": trainer.log_dir if trainer.loggers else None,
             "tags": self.tags,
             "sweep": os.environ.get(SWEEP_ENV),
             "trial": os.environ.get(TRIAL_ENV),

@@ -24,10 +24,13 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
 
 
-def write_json_atomic(path: str | Path, payload: dict) -> Path:
+def write_json_atomic(path: str | Path, payload: dict, *, overwrite: bool = True) -> Path:
     """Write ``payload`` as JSON to ``path`` so that readers see the whole file or none of it.
 
-    The data goes to a hidden temporary file in the same folder, is flushed to disk, then renamed.
+    The data goes to a hidden temporary file in the same folder, is flushed to disk, then renamed
+    (``overwrite=True``) or hard-linked into place (``overwrite=False``). A hard link fails when ``path``
+    exists, so with ``overwrite=False`` two concurrent writers of one path never clobber each other:
+    the second one gets ``FileExistsError``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,22 +41,42 @@ def write_json_atomic(path: str | Path, payload: dict) -> Path:
             stream.write("\n")
             stream.flush()
             os.fsync(stream.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
+        if overwrite:
+            os.replace(temp_name, path)
+        else:
+            _link_exclusive(temp_name, path)
+    finally:
         Path(temp_name).unlink(missing_ok=True)
-        raise
     return path
 
 
+def _link_exclusive(temp_name: str, path: Path) -> None:
+    try:
+        os.link(temp_name, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path} already exists; it was left unchanged") from None
+    except OSError as error:
+        # NOTE: filesystems without hard links (some network and FUSE mounts) fall back to a rename
+        # after an existence check, which a writer racing on the same path could still overwrite.
+        log.debug("hard link into %s failed (%s); falling back to rename", path, error)
+        if path.exists():
+            raise FileExistsError(f"{path} already exists; it was left unchanged") from None
+        os.replace(temp_name, path)
+
+
 def write_record(record: dict, records_dir: str | Path = DEFAULT_RECORDS_DIR) -> Path:
-    """Write one record as ``<run_id>-<split>.json`` in ``records_dir``; return its path."""
+    """Write one record as ``<run_id>-<split>.json`` in ``records_dir``; return its path.
+
+    Raises ``FileExistsError`` rather than replacing an existing record, also when another process
+    creates the same file at the same moment.
+    """
     missing = [name for name in REQUIRED_FIELDS if name not in record]
     if missing:
         raise ValueError(f"record is missing fields {missing}")
     path = Path(records_dir) / f"{record['run_id']}-{record['split']}.json"
     if path.exists():
         raise FileExistsError(f"record {path} already exists; run ids must be unique")
-    return write_json_atomic(path, record)
+    return write_json_atomic(path, record, overwrite=False)
 
 
 def read_records(records_dir: str | Path = DEFAULT_RECORDS_DIR) -> list[dict]:
