@@ -152,6 +152,9 @@ def _write_shards(
     loader = DataLoader(
         Subset(dataset, indices.tolist()), batch_size=batch_size, shuffle=False, num_workers=num_workers,
         pin_memory=device.type == "cuda",
+        # Its own generator: an iterator draws a worker seed, which must not shift the global RNG
+        # (training would then shuffle differently depending on whether the cache was warm).
+        generator=torch.Generator().manual_seed(0),
     )
     row = 0
     for images, batch_labels in loader:
@@ -300,3 +303,34 @@ class CachedFeatures(Dataset):
         }
         labels = torch.from_numpy(np.asarray(self.labels)[rows.T])  # (B, draws)
         return [({name: tensor[i] for name, tensor in features.items()}, labels[i]) for i in range(len(indices))]
+
+
+def split_cache_entries(
+    encoder, encoder_fingerprint: str, datamodule, role: str, specs: list[FeatureSpec], dtype: CacheDtype, trainer,
+) -> dict[str, CacheEntry]:
+    """Cache entries (one per spec) of ``role``'s split of an ``ImageClassificationData``, extracted if missing.
+
+    Features are taken under the evaluation transform (resize, centre crop), with the encoder moved to
+    the trainer's device and run under its precision plugin. Every process must call this together.
+    """
+    from d2v_eval.data.datamodule import TransformedSplit
+
+    split_name = datamodule.split_name(role)
+    split = datamodule.load_splits()[split_name]
+    transform = datamodule.build_transform(is_training=False)
+    keys = {
+        spec.name: feature_cache_key(
+            encoder_fingerprint=encoder_fingerprint, benchmark=datamodule.entry.name, split=split_name,
+            split_fingerprint=getattr(split, "_fingerprint", None), num_samples=len(split),
+            transform=repr(transform), spec=spec, dtype=dtype,
+        )
+        for spec in specs
+    }
+    device = trainer.strategy.root_device
+    encoder.to(device)
+    dataset = TransformedSplit(split, transform, datamodule.image_column, datamodule.label_column)
+    with trainer.precision_plugin.forward_context():
+        return cached_features(
+            encoder, dataset, specs, keys, batch_size=datamodule.batch_size,
+            num_workers=datamodule.num_workers, device=device, process=ProcessView.from_trainer(trainer),
+        )

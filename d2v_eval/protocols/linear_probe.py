@@ -20,8 +20,9 @@ from timm.optim import Lars
 
 from d2v_eval.data.fewshot import few_shot_indices
 from d2v_eval.encoders import load_encoder_with_info
+from d2v_eval.encoders.loader import weights_fingerprint
 from d2v_eval.protocols.base import ClassificationModule
-from d2v_eval.protocols.feature_cache import CacheDtype, CachedFeatures, ProcessView, cached_features, feature_cache_key
+from d2v_eval.protocols.feature_cache import CacheDtype, CachedFeatures, split_cache_entries
 from d2v_eval.protocols.features import DEFAULT_SPECS, FeatureSpec, check_specs, extract_features
 from d2v_eval.protocols.heads import HeadBank, MultiHeadMetrics, head_grid, head_results, select_heads
 
@@ -83,7 +84,10 @@ class LinearProbe(ClassificationModule):
         init_seed: seed of the head weights (see ``HeadBank``).
     """
 
-    protocol = "linear_probe"
+    @property
+    def protocol(self) -> str:
+        """Record protocol: ``linear_probe``, or ``linear_probe_<k>shot`` so few-shot runs never share a table row."""
+        return f"linear_probe_{self.few_shot.k}shot" if self.few_shot is not None else "linear_probe"
 
     def __init__(
         self,
@@ -107,6 +111,8 @@ class LinearProbe(ClassificationModule):
     ):
         super().__init__(num_classes)
         self.save_hyperparameters()
+        # LightningCLI may store nested dataclasses in hparams as plain dicts: keep the objects here.
+        self.few_shot = few_shot
         self.specs = list(features) if features else list(DEFAULT_SPECS)
         self.base_lrs = [float(lr) for lr in (lrs if lrs else DEFAULT_LRS)]
         self.batch_norm = [bool(b) for b in (batch_norm if batch_norm is not None else (True, False))]
@@ -149,7 +155,7 @@ class LinearProbe(ClassificationModule):
             raise ValueError(f"batch_norm {self.batch_norm} is invalid; use [true], [false] or [true, false]")
         if hp.weight_decay < 0:
             raise ValueError(f"weight_decay {hp.weight_decay} is negative; use 0 or a positive value")
-        if hp.few_shot is not None and (hp.train_augmentation or not hp.use_cache):
+        if self.few_shot is not None and (hp.train_augmentation or not hp.use_cache):
             raise ValueError(
                 "few_shot trains on cached features; set train_augmentation=false and use_cache=true"
             )
@@ -176,34 +182,14 @@ class LinearProbe(ClassificationModule):
     def encoder_fingerprint(self) -> str:
         """SHA-256 of the encoder's weights (computed once; the weights never change)."""
         if self._encoder_fingerprint is None:
-            from d2v_eval.encoders.loader import weights_fingerprint
-
             self._encoder_fingerprint = weights_fingerprint(self.encoder)
         return self._encoder_fingerprint
 
     def cached_entries(self, datamodule, role: str, specs: list[FeatureSpec], dtype: CacheDtype):
-        """Cache entries (one per spec) of ``role``'s split under the evaluation transform, extracted if missing."""
-        from d2v_eval.data.datamodule import TransformedSplit
-
-        split_name = datamodule.split_name(role)
-        split = datamodule.load_splits()[split_name]
-        transform = datamodule.build_transform(is_training=False)
-        keys = {
-            spec.name: feature_cache_key(
-                encoder_fingerprint=self.encoder_fingerprint(), benchmark=datamodule.entry.name, split=split_name,
-                split_fingerprint=getattr(split, "_fingerprint", None), num_samples=len(split),
-                transform=repr(transform), spec=spec, dtype=dtype,
-            )
-            for spec in specs
-        }
-        device = self.trainer.strategy.root_device
-        self.encoder.to(device)
-        dataset = TransformedSplit(split, transform, datamodule.image_column, datamodule.label_column)
-        with self.trainer.precision_plugin.forward_context():
-            entries = cached_features(
-                self.encoder, dataset, specs, keys, batch_size=datamodule.batch_size,
-                num_workers=datamodule.num_workers, device=device, process=ProcessView.from_trainer(self.trainer),
-            )
+        """Cache entries (one per spec) of ``role``'s split, extracted if missing; paths go in the record."""
+        entries = split_cache_entries(
+            self.encoder, self.encoder_fingerprint(), datamodule, role, specs, dtype, self.trainer
+        )
         self.cache_entries[role] = {name: str(entry.path) for name, entry in entries.items()}
         return entries
 
@@ -223,7 +209,7 @@ class LinearProbe(ClassificationModule):
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "datasets"):
-            if self.hparams.use_cache or self.hparams.few_shot:
+            if self.hparams.use_cache or self.few_shot is not None:
                 raise ValueError(
                     "LinearProbe with use_cache=true needs an ImageClassificationData datamodule; pass one to "
                     "the Trainer, or set use_cache=false to train on the loaders you give"
@@ -244,7 +230,7 @@ class LinearProbe(ClassificationModule):
             datamodule.datasets[role] = CachedFeatures(entries, subsets)
 
     def _few_shot_subsets(self, datamodule, entries) -> np.ndarray | None:
-        few_shot = self.hparams.few_shot
+        few_shot = self.few_shot
         if few_shot is None:
             return None
         labels = next(iter(entries.values())).labels
@@ -407,8 +393,8 @@ class LinearProbe(ClassificationModule):
         }
         if stage == "test" and self.test_per_draw is not None:
             extras["test_per_draw"] = self.test_per_draw
-        if hp.few_shot is not None:
-            few_shot = dataclasses.asdict(hp.few_shot)
+        if self.few_shot is not None:
+            few_shot = dataclasses.asdict(self.few_shot)
             if stage == "test" and self.test_per_draw is not None:
                 top1 = [r["top1"] for r in self.test_per_draw]
                 few_shot.update(
