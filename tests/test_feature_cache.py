@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,7 +118,8 @@ def test_truncated_entry_rebuilt_with_warning(caplog):
 
     with caplog.at_level(logging.WARNING):
         rebuilt = _build(encoder, dataset)
-    assert "is invalid" in caplog.text and "bytes" in caplog.text
+    assert "is invalid" in caplog.text
+    assert "bytes" in caplog.text
     np.testing.assert_array_equal(np.array(rebuilt.features), good)
 
 
@@ -135,3 +137,36 @@ def test_foreign_entry_rebuilt_with_warning(caplog):
         rebuilt = _build(encoder, dataset)
     assert "belongs to key '00000000000000000000000000000000'" in caplog.text
     assert json.loads(meta_path.read_text())["key"] == rebuilt.path.name
+
+
+def test_two_processes_share_one_cache(tmp_path):
+    """Two gloo processes extract a shard each of the validation split and count every sample once."""
+    import pytorch_lightning as pl
+
+    from d2v_eval import ImageClassificationData, LinearProbe
+    from d2v_eval.data.datamodule import TransformedSplit
+    from d2v_eval.results import ResultRecorder
+
+    pl.seed_everything(0)
+    probe = LinearProbe(MICRO, num_classes=10, features=[FeatureSpec("cls")], lrs=[0.01, 0.1], batch_norm=[True],
+                        lr_rule="absolute", cache_dtype="float32")
+    data = ImageClassificationData("digits", input_size=16, batch_size=32, num_workers=0)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[ResultRecorder(records_dir=str(tmp_path / "records"))],
+    )
+    trainer.validate(probe, data)
+
+    record = json.loads(next((tmp_path / "records").glob("*.json")).read_text())
+    assert record["world_size"] == 2
+    assert record["num_samples"] == 180
+    assert all(head["val"]["num_samples"] == 180 for head in record["linear_probe"]["heads"])
+
+    cache_path = Path(record["linear_probe"]["feature_cache"]["entries"]["validation"]["cls-last1-norm"])
+    assert not list(cache_path.glob("shard-*"))
+    features = np.load(cache_path / "features.npy")
+    split = data.load_splits()["validation"]
+    dataset = TransformedSplit(split, data.build_transform(is_training=False), "image", "label")
+    images = torch.stack([dataset[index][0] for index in range(4)])
+    expected = extract_features(probe.encoder.eval(), images, [FeatureSpec("cls")])["cls-last1-norm"]
+    np.testing.assert_allclose(features[:4], expected.numpy(), rtol=1e-4, atol=1e-5)

@@ -52,9 +52,9 @@ def feature_cache_key(
 ) -> tuple[str, dict[str, Any]]:
     """Return ``(hex key, key fields)``; any change of weights, data, split, transform, spec or dtype changes the key.
 
-    ``transform`` is the transform's ``repr`` (timm's transforms print their sizes, interpolation and
-    normalisation); ``split_fingerprint`` is the Hugging Face dataset's fingerprint, which changes
-    when a carved validation split is drawn with another seed or fraction.
+    ``transform`` is the transform's ``repr``, in which timm's transforms print their sizes,
+    interpolation and normalisation. ``split_fingerprint`` is the Hugging Face dataset's
+    fingerprint, which changes when a carved validation split is drawn with another seed or fraction.
     """
     if dtype not in ("float16", "float32"):
         raise ValueError(f"cache dtype {dtype!r} is invalid; choose 'float16' or 'float32'")
@@ -98,10 +98,6 @@ class CacheEntry:
     path: Path
     features: np.ndarray
     labels: np.ndarray
-
-
-def _expected_bytes(num_samples: int, dim: int, dtype: str) -> int:
-    return num_samples * dim * np.dtype(dtype).itemsize
 
 
 def open_entry(path: Path, key: str, fields: dict, dim: int) -> tuple[CacheEntry | None, str]:
@@ -233,6 +229,8 @@ def cached_features(
             log.warning("feature cache %s is invalid (%s); rebuilding it", paths[spec.name], reason)
         missing.append(spec)
     # Every rank must agree on what to rebuild, whatever it saw on a shared file system.
+    # NOTE: tested with two gloo processes on one machine; ranks on several machines need the cache
+    # folder on a file system they all share.
     missing_names = process.broadcast([spec.name for spec in missing])
     missing = [spec for spec in specs if spec.name in missing_names]
     if not missing:

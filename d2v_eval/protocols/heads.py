@@ -39,7 +39,7 @@ class HeadSpec:
 
 
 def head_grid(specs, batch_norm, base_lrs, draws: int = 1) -> list[HeadSpec]:
-    """All heads: draws x feature specs x BatchNorm choices x learning rates, in that nesting order."""
+    """Build every head of draws x feature specs x BatchNorm choices x learning rates, nested in that order."""
     return [
         HeadSpec(draw, spec, bool(norm), float(lr))
         for draw in range(draws) for spec in specs for norm in batch_norm for lr in base_lrs

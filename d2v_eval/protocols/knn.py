@@ -1,7 +1,7 @@
 """``KNN``: weighted k-nearest-neighbour classification on L2-normalised frozen features.
 
-The algorithm is DINO's (Caron et al. 2021, arXiv 2104.14294, section 4.1; facebookresearch/dino
-``eval_knn.py``): cosine similarity to every training feature, the top k neighbours vote with
+The algorithm is DINO's (Caron et al. 2021, arXiv 2104.14294; facebookresearch/dino ``eval_knn.py``,
+``knn_classifier``): cosine similarity to every training feature, the top k neighbours vote with
 weight ``exp(similarity / T)``, T = 0.07, for k in {10, 20, 100, 200}. One top-k search with the
 largest k serves every k. Training features come from the same cache as ``LinearProbe``'s.
 """
@@ -59,8 +59,8 @@ class KNN(ClassificationModule):
     """Weighted kNN evaluation of a frozen encoder; k is chosen on validation, every k is recorded.
 
     ``fit`` trains nothing: run it with ``trainer.max_epochs=0`` (then ``test_after_fit`` tests), or use
-    ``d2v-eval test`` directly. The train split's features form the bank; the k with the best
-    validation top-1 gives the record's headline metrics, and the record lists every k's metrics.
+    ``d2v-eval test`` directly. The train split's features form the bank. The k with the best
+    validation top-1 gives the record's headline metrics, and the record also lists every k's metrics.
 
     Args:
         encoder: encoder source (preset name or Hugging Face directory), see ``load_encoder``.
@@ -199,6 +199,13 @@ class KNN(ClassificationModule):
 
     def configure_optimizers(self):
         return None
+
+    def on_validation_epoch_start(self):
+        # A fresh state per epoch: under ddp_spawn on CPU the states arrive in memory shared by all ranks.
+        self.val_ks.reset()
+
+    def on_test_epoch_start(self):
+        self.test_ks.reset()
 
     def validation_step(self, batch, batch_idx):
         self.val_ks.update(*self._batch_logits(batch))

@@ -180,7 +180,7 @@ class LinearProbe(ClassificationModule):
     # ---- data: extract once ------------------------------------------------------------------
 
     def encoder_fingerprint(self) -> str:
-        """SHA-256 of the encoder's weights (computed once; the weights never change)."""
+        """SHA-256 of the encoder's weights, computed once because frozen weights never change."""
         if self._encoder_fingerprint is None:
             self._encoder_fingerprint = weights_fingerprint(self.encoder)
         return self._encoder_fingerprint
@@ -271,8 +271,13 @@ class LinearProbe(ClassificationModule):
         groups = []
         for index, head in enumerate(self.heads.heads):
             lr = head.base_lr * self.lr_scale
-            weight_group = {"params": [self.heads.weights[index]], "lr": lr, "weight_decay": hp.weight_decay}
-            bias_group = {"params": [self.heads.biases[index]], "lr": lr, "weight_decay": 0.0}
+            weight, bias = self.heads.weights[index], self.heads.biases[index]
+            if hp.optimizer != "lars" and hp.weight_decay == 0:
+                # One group per head where weight and bias are treated alike: optimizer steps cost per group.
+                groups.append({"params": [weight, bias], "lr": lr, "weight_decay": 0.0})
+                continue
+            weight_group = {"params": [weight], "lr": lr, "weight_decay": hp.weight_decay}
+            bias_group = {"params": [bias], "lr": lr, "weight_decay": 0.0}
             if hp.optimizer == "lars":
                 # MAE's LARS adapts weights only: biases get neither the trust ratio nor weight decay.
                 weight_group["always_adapt"] = True
@@ -291,6 +296,10 @@ class LinearProbe(ClassificationModule):
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     # ---- validation: every head; selection ---------------------------------------------------
+
+    def on_validation_epoch_start(self):
+        # A fresh state per epoch: under ddp_spawn on CPU the states arrive in memory shared by all ranks.
+        self.val_heads.reset()
 
     def validation_step(self, batch, batch_idx):
         features, labels = self._batch_features(*batch)
@@ -339,6 +348,9 @@ class LinearProbe(ClassificationModule):
 
     # ---- test: the selected head only --------------------------------------------------------
 
+    def on_test_epoch_start(self):
+        self.test_heads.reset()
+
     def test_step(self, batch, batch_idx):
         features, labels = self._batch_features(*batch)
         logits = self.heads(features)[:, self.selected_heads()]  # (B, draws, C)
@@ -363,10 +375,11 @@ class LinearProbe(ClassificationModule):
     def record_extras(self, stage: str) -> dict:
         """Record fields: the lr rule, every head's validation metrics, the chosen heads, few-shot spread."""
         hp = self.hparams
-        datamodule = self.trainer.datamodule if self.trainer is not None else None
+        datamodule = self.trainer.datamodule
         selection_split = None
         if datamodule is not None and hasattr(datamodule, "splits"):
             selection_split = datamodule.splits.get("validation")
+
         heads = []
         for index, head in enumerate(self.heads.heads):
             entry = {
@@ -377,6 +390,7 @@ class LinearProbe(ClassificationModule):
             if self.head_val_results is not None:
                 entry["val"] = self.head_val_results[index]
             heads.append(entry)
+
         selected = self.selected if self.selected is not None else []
         extras = {
             "lr_rule": hp.lr_rule,
@@ -391,6 +405,7 @@ class LinearProbe(ClassificationModule):
             "heads": heads,
             "selected": [{"index": i, "name": self.heads.heads[i].name, "draw": self.heads.heads[i].draw} for i in selected],
         }
+
         if stage == "test" and self.test_per_draw is not None:
             extras["test_per_draw"] = self.test_per_draw
         if self.few_shot is not None:
