@@ -215,3 +215,29 @@ def test_cli_config_records_every_head(tmp_path, monkeypatch):
     assert extras["selection_split"] == "validation_from_train"
     chosen = extras["selected"][0]["index"]
     assert extras["heads"][chosen]["val"]["top1"] == max(head["val"]["top1"] for head in extras["heads"])
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "train_augmentation"), [("adamw", False), ("lars", False), ("sgd", True)],
+)
+def test_optimizers_and_augmented_training(optimizer, train_augmentation):
+    from d2v_eval.data.datamodule import TransformedSplit
+    from d2v_eval.protocols.feature_cache import CachedFeatures
+
+    pl.seed_everything(0)
+    probe = LinearProbe(
+        MICRO, num_classes=10, features=[FeatureSpec("cls")], lrs=[0.01, 0.1], batch_norm=[True, False],
+        optimizer=optimizer, weight_decay=0.05, train_augmentation=train_augmentation,
+    )
+    weights_before = [weight.detach().clone() for weight in probe.heads.weights]
+    data = ImageClassificationData("digits", input_size=16, batch_size=32, num_workers=0, hflip=0.0)
+    trainer = _fit(probe, data, max_epochs=1, limit_train_batches=3)
+
+    expected_train = TransformedSplit if train_augmentation else CachedFeatures
+    assert isinstance(data.datasets["train"], expected_train)
+    assert isinstance(data.datasets["validation"], CachedFeatures)
+    assert all(not torch.equal(before, after) for before, after in zip(weights_before, probe.heads.weights))
+    optimizer_groups = trainer.optimizers[0].param_groups
+    assert len(optimizer_groups) == 2 * len(probe.heads)
+    assert {group["weight_decay"] for group in optimizer_groups} == {0.0, 0.05}
+    assert probe.selected is not None

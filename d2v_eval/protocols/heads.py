@@ -76,6 +76,9 @@ class HeadBank(nn.Module):
         self.groups: dict[tuple[int, str, bool], list[int]] = {}
         for index, head in enumerate(self.heads):
             self.groups.setdefault((head.draw, head.features.name, head.batch_norm), []).append(index)
+        order = [index for indices in self.groups.values() for index in indices]
+        # head_grid lists each group's heads next to each other, so no reordering is needed there.
+        self.group_order = None if order == list(range(len(order))) else torch.argsort(torch.tensor(order)).tolist()
         self.norms = nn.ModuleDict({
             self.norm_name(draw, spec_name): nn.BatchNorm1d(dims[spec_name], affine=False, eps=1e-6)
             for (draw, spec_name, norm) in self.groups if norm
@@ -94,7 +97,7 @@ class HeadBank(nn.Module):
         A features tensor with one draw (evaluation data) feeds the heads of every draw.
         """
         batch = next(iter(features.values())).shape[0]
-        logits = [None] * len(self.heads)
+        outputs = []
         for (draw, spec_name, norm), indices in self.groups.items():
             x = features[spec_name]
             x = x[:, draw if x.shape[1] > 1 else 0]  # (B, dim)
@@ -102,10 +105,11 @@ class HeadBank(nn.Module):
                 x = self.norms[self.norm_name(draw, spec_name)](x)
             weight = torch.cat([self.weights[i] for i in indices])  # (L * C, dim)
             bias = torch.cat([self.biases[i] for i in indices])  # (L * C,)
-            out = F.linear(x, weight, bias).view(batch, len(indices), self.num_classes)  # (B, L, C)
-            for position, index in enumerate(indices):
-                logits[index] = out[:, position]
-        return torch.stack(logits, dim=1)  # (B, H, C)
+            outputs.append(F.linear(x, weight, bias).view(batch, len(indices), self.num_classes))  # (B, L, C)
+        logits = torch.cat(outputs, dim=1)  # (B, H, C), heads in group order
+        if self.group_order is not None:
+            logits = logits[:, self.group_order]  # back to grid order
+        return logits
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Sum over heads of each head's mean cross-entropy; ``labels`` (B, draws) or (B, 1).
