@@ -241,3 +241,19 @@ def test_optimizers_and_augmented_training(optimizer, train_augmentation):
     assert len(optimizer_groups) == 2 * len(probe.heads)
     assert {group["weight_decay"] for group in optimizer_groups} == {0.0, 0.05}
     assert probe.selected is not None
+
+
+def test_checkpoint_restores_encoder_and_selection(tmp_path):
+    options = dict(features=[FeatureSpec("cls")], lrs=[0.01, 0.1], batch_norm=[True], lr_rule="absolute")
+    data = ImageClassificationData("digits", input_size=16, batch_size=64, num_workers=0)
+    pl.seed_everything(0)
+    fitted = LinearProbe(MICRO, num_classes=10, **options)
+    trainer = _fit(fitted, data, max_epochs=1, enable_checkpointing=True, default_root_dir=str(tmp_path))
+    expected = trainer.test(fitted, data)[0]["test/top1"]
+    ckpt_path = trainer.checkpoint_callback.best_model_path
+
+    pl.seed_everything(1)  # another random encoder, replaced by the checkpoint's before features are read
+    restored = LinearProbe(MICRO, num_classes=10, **options)
+    result = _trainer().test(restored, data, ckpt_path=ckpt_path)[0]["test/top1"]
+    assert restored.selected == fitted.selected
+    assert result == pytest.approx(expected)

@@ -8,6 +8,7 @@ largest k serves every k. Training features come from the same cache as ``Linear
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -88,8 +89,12 @@ class KNN(ClassificationModule):
         cache_dtype: CacheDtype = "float16",
     ):
         super().__init__(num_classes)
-        self.save_hyperparameters()
+        # The dataclass is saved as a plain dict, which checkpoints load with weights_only=True.
+        self.save_hyperparameters(ignore=["features"])
+        if isinstance(features, dict):
+            features = FeatureSpec(**features)
         self.spec = features or FeatureSpec("cls")
+        self.hparams["features"] = dataclasses.asdict(self.spec)
         self.ks = sorted({int(value) for value in (k or DEFAULT_K)})
         if not self.ks or self.ks[0] < 1:
             raise ValueError(f"k {k} is invalid; give neighbour counts >= 1, e.g. [10, 20, 100, 200]")

@@ -110,10 +110,15 @@ class LinearProbe(ClassificationModule):
         init_seed: int = 0,
     ):
         super().__init__(num_classes)
-        self.save_hyperparameters()
-        # LightningCLI may store nested dataclasses in hparams as plain dicts: keep the objects here.
+        # Dataclasses are saved as plain dicts, which checkpoints load with weights_only=True.
+        self.save_hyperparameters(ignore=["features", "few_shot"])
+        if isinstance(few_shot, dict):
+            few_shot = FewShot(**few_shot)
         self.few_shot = few_shot
-        self.specs = list(features) if features else list(DEFAULT_SPECS)
+        specs = features if features else DEFAULT_SPECS
+        self.specs = [FeatureSpec(**spec) if isinstance(spec, dict) else spec for spec in specs]
+        self.hparams["features"] = [dataclasses.asdict(spec) for spec in self.specs]
+        self.hparams["few_shot"] = dataclasses.asdict(few_shot) if few_shot is not None else None
         self.base_lrs = [float(lr) for lr in (lrs if lrs else DEFAULT_LRS)]
         self.batch_norm = [bool(b) for b in (batch_norm if batch_norm is not None else (True, False))]
         self._check_arguments()
@@ -141,6 +146,7 @@ class LinearProbe(ClassificationModule):
         self.test_per_draw: list[dict[str, float]] | None = None
         self.cache_entries: dict[str, dict[str, str]] = {}
         self._encoder_fingerprint: str | None = None
+        self._cached_roles: list[str] = []
 
     def _check_arguments(self) -> None:
         hp = self.hparams
@@ -222,9 +228,11 @@ class LinearProbe(ClassificationModule):
         roles = {"fit": ["train", "validation"], "validate": ["validation"], "test": ["test"]}.get(stage, [])
         if self.hparams.train_augmentation and "train" in roles:
             roles.remove("train")
-        for role in roles:
-            if role not in datamodule.datasets:
-                continue
+        self._cached_roles = [role for role in roles if role in datamodule.datasets]
+        self._cache_roles(datamodule)
+
+    def _cache_roles(self, datamodule) -> None:
+        for role in self._cached_roles:
             entries = self.cached_entries(datamodule, role, self.specs, self.hparams.cache_dtype)
             subsets = self._few_shot_subsets(datamodule, entries) if role == "train" else None
             datamodule.datasets[role] = CachedFeatures(entries, subsets)
@@ -426,6 +434,19 @@ class LinearProbe(ClassificationModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning restores a checkpoint after ``setup`` has extracted features. If the checkpoint's
+        # encoder differs from the one built from ``encoder`` (e.g. another random init), load it now
+        # and extract again, before any data loader reads the cache.
+        prefix = "encoder."
+        encoder_state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        current = self.encoder.state_dict()
+        if encoder_state and any(not torch.equal(value.cpu(), current[key].cpu()) for key, value in encoder_state.items()):
+            log.info("the checkpoint's encoder weights differ from %s; extracting features again", self.hparams.encoder)
+            self.encoder.load_state_dict(encoder_state)
+            self._encoder_fingerprint = None
+            if self._cached_roles and self._trainer is not None:
+                self._cache_roles(self.trainer.datamodule)
+
         state = checkpoint.get("linear_probe_selection") or {}
         self.selected = state.get("selected")
         self.selected_at_step = state.get("selected_at_step")
