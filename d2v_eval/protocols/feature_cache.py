@@ -313,6 +313,11 @@ def split_cache_entries(
     """
     from d2v_eval.data.datamodule import TransformedSplit
 
+    if getattr(datamodule, "corrupt_policy", "error") == "skip":
+        raise ValueError(
+            "cached features need one row per sample, so data.corrupt_policy=skip cannot be used here; "
+            "fix or remove the undecodable files, or use LinearProbe with use_cache=false"
+        )
     split_name = datamodule.split_name(role)
     split = datamodule.load_splits()[split_name]
     transform = datamodule.build_transform(is_training=False)

@@ -225,6 +225,13 @@ class LinearProbe(ClassificationModule):
             self._check_selection_split(datamodule)
         if not self.hparams.use_cache:
             return
+        if getattr(datamodule, "corrupt_policy", "error") == "skip" and self.few_shot is None:
+            # A cache has one row per sample of a split, so it cannot leave undecodable samples out.
+            log.warning(
+                "data.corrupt_policy=skip: features are computed on every batch instead of cached, "
+                "so that undecodable samples can be left out"
+            )
+            return
         roles = {"fit": ["train", "validation"], "validate": ["validation"], "test": ["test"]}.get(stage, [])
         if self.hparams.train_augmentation and "train" in roles:
             roles.remove("train")
@@ -407,7 +414,7 @@ class LinearProbe(ClassificationModule):
             "momentum": hp.momentum,
             "weight_decay": hp.weight_decay,
             "train_augmentation": hp.train_augmentation,
-            "feature_cache": {"used": hp.use_cache, "dtype": hp.cache_dtype, "entries": self.cache_entries},
+            "feature_cache": {"used": bool(self.cache_entries), "dtype": hp.cache_dtype, "entries": self.cache_entries},
             "selection_split": selection_split,
             "selected_at_step": self.selected_at_step,
             "heads": heads,
