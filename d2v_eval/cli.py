@@ -27,6 +27,7 @@ from d2v_eval.results import ResultRecorder, runs_table
 # Subcommands that are not LightningCLI: name -> module with ``main(argv) -> int``.
 EXTRA_SUBCOMMANDS = {
     "report": "d2v_eval.results.cli",
+    "sweep": "d2v_eval.sweep.cli",
 }
 
 
