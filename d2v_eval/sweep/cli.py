@@ -40,15 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="grid axis over a config key, e.g. model.init_args.lr=[1e-3,2e-3] (repeatable)")
     parser.add_argument("--random", action="append", default=[], metavar="KEY=DIST",
                         help="random axis: uniform(a,b), loguniform(a,b) or choice([..]) (repeatable)")
+
     parser.add_argument("--n_trials", type=int, help="number of random draws (default 1)")
     parser.add_argument("--random_seed", type=int, help="seed of the random draws (default 0)")
     parser.add_argument("--seeds", help="comma-separated seed_everything values, crossed with all trials")
+
     parser.add_argument("--name", help="sweep name (default: the sweep file name)")
     parser.add_argument("--sweep_dir", help=f"sweep folder (default: {DEFAULT_SWEEPS_DIR}/NAME)")
     parser.add_argument("--metric", help="validation metric that ranks trials (default top1)")
     parser.add_argument("--mode", choices=("max", "min"), help="max for accuracy, min for loss (default max)")
     parser.add_argument("--no_test", "--no-test", dest="test", action="store_const", const=False,
                         help="do not test after fit (default: test, as d2v-eval fit does)")
+
     parser.add_argument("--launcher", choices=LAUNCHERS,
                         help="local processes, submitit's local executor, or SLURM through submitit (default local)")
     parser.add_argument("--max_parallel", type=int, help="local launcher: trials at a time (default 1)")
@@ -59,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--array", action="store_true", default=None, help="slurm: submit one job array")
     parser.add_argument("--no_wait", "--no-wait", action="store_true",
                         help="submitit-local: return after submitting (slurm always returns after submitting)")
+
     parser.add_argument("--dry_run", "--dry-run", action="store_true", help="print the trials and their overrides, run nothing")
     parser.add_argument("--summarize", action="store_true", help="only rebuild the summary of SWEEP_DIR")
     parser.add_argument("--no_check", action="store_true",
@@ -128,7 +132,8 @@ def _run(args, fixed: list[str]) -> int:
         if args.summarize:
             sys.stdout.write(summarize(plan))
             return 0
-        spec = SweepSpec(**{**_spec_from_dict(plan["spec"]), "fixed": plan["fixed"] + fixed})
+        stored = _spec_from_dict(plan["spec"])
+        spec = SweepSpec(**{**stored, "base_config": plan["base_config"], "fixed": plan["fixed"] + fixed})
     else:
         spec = load_spec(args.spec, overrides=_spec_overrides(args, fixed))
 

@@ -14,6 +14,7 @@ import os
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import yaml
@@ -43,14 +44,16 @@ SLURM_OPTIONS = {"array"}
 
 
 def resolved_config(arguments: list[str]) -> dict:
-    """The fully resolved ``fit`` config for ``arguments`` (``--config`` and overrides), parsed, not run.
+    """Parse ``arguments`` (``--config`` and overrides) into the resolved ``fit`` config without running it.
 
     Raises ``SweepSpecError`` with jsonargparse's message when the arguments do not parse.
     """
     from d2v_eval.cli import main
 
     stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), warnings.catch_warnings():
+        # LightningCLI warns when given args while sys.argv holds the sweep's own arguments.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         try:
             main(["fit", *arguments, "--print_config"])
         except SystemExit as exit_:
@@ -103,8 +106,8 @@ def plan_sweep(spec: SweepSpec, sweep_dir: str | Path, *, check: bool = True) ->
             plan["logger_save_dir_key"] = LOGGER_SAVE_DIR_KEY
         else:
             log.warning("trainer.logger has no init_args.save_dir; TensorBoard logs stay where the config puts them")
-        # NOTE: only the first trial is parsed in full (types of its values); the others differ in
-        # values only and fail at their own start if a value has the wrong type.
+        # NOTE: only the first trial is parsed in full, which checks the types of its values.
+        # Another trial with a value of the wrong type fails when it starts.
         resolved_config(config_args + plan["trials"][0]["arguments"])
     return plan
 
@@ -135,7 +138,7 @@ def visible_gpus() -> list[str]:
 
 
 def device_slots(max_parallel: int, devices_per_trial: int, gpus: list[str]) -> list[dict[str, str]]:
-    """One environment per concurrent trial: its GPUs (``CUDA_VISIBLE_DEVICES``) or its CPU threads."""
+    """Build one environment per concurrent trial: its GPUs (``CUDA_VISIBLE_DEVICES``) or its CPU threads."""
     if max_parallel < 1:
         raise SweepSpecError(f"max_parallel {max_parallel} must be at least 1")
     if devices_per_trial < 1:
@@ -220,6 +223,8 @@ def slurm_parameters(plan: dict, slurm: dict) -> tuple[dict, bool]:
     # Lightning's SLURM environment expects one task per device: ntasks-per-node = devices.
     params["ntasks_per_node"] = max(1, params.get("gpus_per_node", 0) or 0)
     params.setdefault("job_name", plan["name"])
+    # Trials run from the folder the sweep was planned in, so relative paths in configs still resolve.
+    params["setup"] = [f"cd {shlex.quote(plan['cwd'])}", *params.get("setup", [])]
     return params, bool(slurm.get("array", False))
 
 

@@ -3,7 +3,7 @@
 A sweep file (YAML)::
 
     name: digits-lr-layer-decay          # default: the file name without suffix
-    base_config: configs/demo.yaml       # one path or a list, passed as repeated --config
+    base_config: configs/demo.yaml       # one path or a list (relative to the working directory)
     fixed: ["--trainer.max_epochs=5"]    # arguments given to every trial
     grid:                                # Cartesian product
       model.init_args.lr: [1.0e-3, 2.0e-3]
@@ -299,8 +299,12 @@ def load_spec(path: str | Path | None = None, *, overrides: dict | None = None) 
     name = overrides.get("name") or data.get("name") or (path.stem if path is not None else "sweep")
 
     def pick(key: str, section_value: Any, default: Any) -> Any:
-        value = overrides.get(key)
-        return value if value is not None else (section_value if section_value is not None else default)
+        # Command line first, then the sweep file, then the default.
+        if overrides.get(key) is not None:
+            return overrides[key]
+        if section_value is not None:
+            return section_value
+        return default
 
     return SweepSpec(
         name=str(name),

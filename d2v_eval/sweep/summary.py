@@ -1,7 +1,7 @@
 """Sweep summary: trials ranked by a validation metric, the best trial's test metric, a heatmap.
 
-Hyperparameters are chosen on the validation record (``role: validation``) of each trial; the test
-metric is only reported for the chosen trial and shown beside each row, never used to rank.
+Trials are ranked on their validation record (``role: validation``). The test metric is shown
+beside each row and reported for the best trial, but it never decides the ranking.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ HEATMAP_PNG = "heatmap.png"
 
 
 def collect_rows(plan: dict) -> list[dict]:
-    """One row per planned trial: state, overrides, validation and test metric, record paths."""
+    """Build one row per planned trial: state, overrides, validation and test metric, run id."""
     metric = plan["metric"]
     rows = []
     for trial in plan["trials"]:
@@ -155,6 +155,7 @@ def summarize(plan: dict) -> str:
     rows = rank_rows(collect_rows(plan), plan["mode"])
     best = next((row for row in rows if row["rank"] == 1), None)
     counts = {state: sum(row["state"] == state for row in rows) for state in dict.fromkeys(r["state"] for r in rows)}
+
     parts = [
         f"# Sweep {plan['name']}",
         "",
@@ -169,12 +170,14 @@ def summarize(plan: dict) -> str:
                       f"(split {best['test_split']})."]
     else:
         parts += ["", "No trial has a validation record yet."]
+
     groups = seed_groups(plan, rows)
     if groups:
         parts += ["", "## Over seeds", "", groups]
     heatmap = write_heatmap(plan, rows, sweep_dir / HEATMAP_PNG)
     if heatmap is not None:
         parts += ["", f"Heatmap of validation {plan['metric']}: {heatmap}"]
+
     text = "\n".join(parts) + "\n"
     (sweep_dir / SUMMARY_MD).write_text(text)
     write_json_atomic(sweep_dir / SUMMARY_JSON, {"name": plan["name"], "metric": plan["metric"],

@@ -6,7 +6,7 @@
 This module uses the standard library only and is run as a file, not with ``-m``: importing the
 ``d2v_eval`` package loads torch, and the job wrapper has no use for it (the fit process loads it).
 
-A trial folder ``SWEEP_DIR/trials/TRIAL_ID/`` holds ``records/`` (result records), ``runs/``
+A trial folder ``SWEEP_DIR/trials/TRIAL_ID/`` contains ``records/`` (result records), ``runs/``
 (TensorBoard logs and checkpoints), ``trial.log`` (the fit's stdout and stderr) and ``status.json``
 (``state`` running | completed | failed | interrupted, ``exit_code``, ``log_tail``, ``command``).
 """
@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -57,7 +58,7 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 
 
 def read_json(path: Path) -> dict | None:
-    """The JSON object in ``path``, or None when it is missing or unreadable."""
+    """Read the JSON object in ``path``; return None when it is missing or unreadable."""
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -107,17 +108,26 @@ def trial_records(folder: Path) -> tuple[dict | None, dict | None]:
 
 
 def is_complete(plan: dict, trial_id: str) -> bool:
-    """True when the trial exited 0 and wrote every record it should (validation, and test if asked)."""
+    """True when the trial exited 0, wrote every record it should (validation, and test if asked),
+    and ran with the plan's current base config and fixed arguments."""
     folder = trial_dir(plan, trial_id)
     status = read_json(folder / STATUS_FILE)
     if status is None or status.get("state") != "completed":
+        return False
+    if status.get("settings") != run_settings(plan):
         return False
     validation, test = trial_records(folder)
     return validation is not None and (test is not None or not plan.get("test", True))
 
 
+def run_settings(plan: dict) -> dict:
+    """Return the settings shared by all trials; a trial run under other settings counts as not done."""
+    return {"base_config": list(plan["base_config"]), "fixed": list(plan.get("fixed", [])),
+            "test": plan.get("test", True)}
+
+
 def build_command(plan: dict, trial: dict, folder: Path) -> list[str]:
-    """The ``d2v-eval fit`` command line of one trial."""
+    """Build the ``d2v-eval fit`` command line of one trial."""
     command = [plan["python"], "-m", "d2v_eval.cli", "fit"]
     for config in plan["base_config"]:
         command += ["--config", config]
@@ -176,7 +186,8 @@ class RunningTrial:
 
     def _set_aside_previous_attempt(self) -> None:
         # A failed or partial attempt keeps its log and records for inspection, outside trials/.
-        if not self.folder.exists():
+        # A requeued SLURM job continues in place instead, next to the checkpoints it left.
+        if not self.folder.exists() or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
             return
         attempts = Path(self.plan["sweep_dir"]) / "attempts"
         attempts.mkdir(parents=True, exist_ok=True)
@@ -188,6 +199,7 @@ class RunningTrial:
         status = {
             "sweep": self.plan["name"], "trial_id": self.trial_id, "overrides": self.trial["overrides"],
             "state": state, "exit_code": exit_code, "started_at": self.started_at,
+            "settings": run_settings(self.plan),
             "finished_at": None if state == "running" else now(),
             "duration_s": round(time.monotonic() - self.started, 3), "host": socket.gethostname(),
             "command": self.command, "env": self.env, "log": str(self.log_path),
@@ -240,10 +252,20 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def _ignore_signal(signum, frame) -> None:
+    return None
+
+
 def run_trial(sweep_dir: str | Path, trial_id: str, *, env: dict[str, str] | None = None) -> int:
     """Run one trial to the end and return its exit code; skip it when already complete."""
     plan = load_plan(sweep_dir)
     trial = find_trial(plan, trial_id)
+    # SLURM sends SIGUSR1/SIGUSR2 before the time limit to the whole task (this wrapper and the fit
+    # alike). The wrapper only has to outlive the fit to record its status, so it ignores them
+    # with a Python handler (unlike SIG_IGN, such a handler is not inherited by the fit process).
+    for name in ("SIGUSR1", "SIGUSR2"):
+        if hasattr(signal, name) and threading.current_thread() is threading.main_thread():
+            signal.signal(getattr(signal, name), _ignore_signal)
     rank = process_rank()
     # Every rank reads the same files, so all tasks of a multi-task job skip together or run together.
     if is_complete(plan, trial_id):
