@@ -52,7 +52,7 @@ def resolved_config(arguments: list[str]) -> dict:
 
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), warnings.catch_warnings():
-        # LightningCLI warns when given args while sys.argv holds the sweep's own arguments.
+        # LightningCLI warns when it gets args while sys.argv contains the sweep's own arguments.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         try:
             main(["fit", *arguments, "--print_config"])

@@ -229,9 +229,9 @@ def trial_id(overrides: dict[str, Any]) -> str:
     digest = hashlib.sha1(canonical.encode()).hexdigest()[:8]
     parts = []
     for key, value in overrides.items():
-        leaf = key.rsplit(".", 1)[-1]
-        shown = f"{value:.3g}" if isinstance(value, float) else str(value)
-        parts.append(f"{leaf}={shown}")
+        leaf = "seed" if key == SEED_KEY else key.rsplit(".", 1)[-1]
+        value_text = f"{value:.3g}" if isinstance(value, float) else str(value)
+        parts.append(f"{leaf}={value_text}")
     slug = re.sub(r"[^A-Za-z0-9=.+_-]+", "_", ",".join(parts))[:60].strip("_,")
     return f"{slug}-{digest}" if slug else digest
 

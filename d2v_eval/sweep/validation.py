@@ -24,7 +24,7 @@ class FinalValidationRecord(Callback):
     """At the end of ``fit``, write the metrics of the last validation epoch (rank 0 only).
 
     The record is the one ``ResultRecorder`` builds for a ``validate`` run, plus ``role: validation``
-    and ``epoch`` (the epoch whose validation it holds). The trainer must also have a ``ResultRecorder``,
+    and ``epoch`` (the epoch whose validation it contains). The trainer must also have a ``ResultRecorder``,
     which the d2v-eval CLI always adds.
     """
 
