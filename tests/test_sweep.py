@@ -1,7 +1,7 @@
 """``d2v-eval sweep`` end to end: local and submitit launchers, failures, resume, SLURM scripts, DDP fit.
 
-Each trial is a real ``d2v-eval fit`` process (about 10 s on an idle 2-core machine, mostly imports),
-so the grids are small and the runs are two training steps long.
+Each trial is a real ``d2v-eval fit`` process that imports torch before it trains, so the grids are
+small and the runs are two training steps long.
 """
 
 from __future__ import annotations
@@ -107,10 +107,10 @@ def test_local_grid_interrupt_resume_rerun(tmp_path, monkeypatch, caplog):
     assert "Best trial:" in (sweep_dir / "summary.md").read_text()
     assert (sweep_dir / "heatmap.png").stat().st_size > 0
 
-    # Third invocation: everything is complete, nothing is launched.
+    # Third invocation, from the stored plan: everything is complete, nothing is launched.
     started = {trial: s["started_at"] for trial, s in statuses.items()}
     caplog.clear()
-    assert main(command) == 0
+    assert main(["sweep", "--sweep_dir", str(sweep_dir)]) == 0
     assert {trial: s["started_at"] for trial, s in _statuses(sweep_dir).items()} == started
     assert "0 to run" in caplog.text
 

@@ -114,7 +114,8 @@ def plan_sweep(spec: SweepSpec, sweep_dir: str | Path, *, check: bool = True) ->
 
 def write_plan(plan: dict) -> Path:
     path = Path(plan["sweep_dir"]) / PLAN_FILE
-    write_json_atomic(path, plan)
+    # Key order is kept: it is the order of the axes, which orders table columns and heatmap axes.
+    write_json_atomic(path, plan, sort_keys=False)
     return path
 
 

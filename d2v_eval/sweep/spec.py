@@ -224,11 +224,14 @@ def format_value(value: Any) -> str:
 
 
 def trial_id(overrides: dict[str, Any]) -> str:
-    """Stable, readable id: ``<leaf>=<value>`` pairs (shortened) and a hash of the exact overrides."""
+    """Stable, readable id: ``<leaf>=<value>`` pairs (shortened) and a hash of the exact overrides.
+
+    Keys are taken in sorted order, so the id does not depend on the order of the axes.
+    """
     canonical = json.dumps(overrides, sort_keys=True, default=str)
     digest = hashlib.sha1(canonical.encode()).hexdigest()[:8]
     parts = []
-    for key, value in overrides.items():
+    for key, value in sorted(overrides.items()):
         leaf = "seed" if key == SEED_KEY else key.rsplit(".", 1)[-1]
         value_text = f"{value:.3g}" if isinstance(value, float) else str(value)
         parts.append(f"{leaf}={value_text}")
