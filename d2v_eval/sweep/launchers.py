@@ -219,8 +219,9 @@ def slurm_parameters(plan: dict, slurm: dict) -> tuple[dict, bool]:
     if "mem" in params:
         params["mem"] = f"{int(params['mem'])}GB"
     for key in ("nodes", "gpus_per_node", "cpus_per_task", "time"):
-        if key in params and (not isinstance(params[key], int) or params[key] < (0 if key == "gpus_per_node" else 1)):
-            raise SweepSpecError(f"slurm {key} {params[key]!r} must be a positive integer (time in minutes)")
+        minimum = 0 if key == "gpus_per_node" else 1
+        if key in params and (not isinstance(params[key], int) or params[key] < minimum):
+            raise SweepSpecError(f"slurm {key} {params[key]!r} must be an integer of at least {minimum} (time in minutes)")
     # Lightning's SLURM environment expects one task per device: ntasks-per-node = devices.
     params["ntasks_per_node"] = max(1, params.get("gpus_per_node", 0) or 0)
     params.setdefault("job_name", plan["name"])
