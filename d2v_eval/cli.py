@@ -31,6 +31,7 @@ EXTRA_SUBCOMMANDS = {
     "report": "d2v_eval.results.cli",
     "convert": "d2v_eval.encoders.cli",
     "data": "d2v_eval.data.cli",
+    "sweep": "d2v_eval.sweep.cli",
 }
 
 
