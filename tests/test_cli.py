@@ -23,9 +23,13 @@ def test_demo_fit_writes_record(tmp_path, monkeypatch, capsys):
     main(["fit", "--config", str(CONFIGS / "demo.yaml"), *SHORT_RUN, "--model.init_args.warmup_epochs=0",
           f"--recorder.records_dir={records_dir}"])
 
-    files = list(records_dir.glob("*.json"))
-    assert len(files) == 1
-    record = json.loads(files[0].read_text())
+    records = {r["role"]: r for r in read_records(records_dir)}
+    assert sorted(records) == ["test", "validation"]
+    validation, record = records["validation"], records["test"]
+    assert validation["run_id"] == record["run_id"]
+    assert validation["split"] == "validation"
+    assert validation["epoch"] == 0
+    assert validation["num_samples"] == 64  # limit_val_batches=1 at batch 64
     for field in REQUIRED_FIELDS:
         assert field in record, field
     assert record["benchmark"] == "digits"

@@ -204,8 +204,9 @@ def test_cli_config_records_every_head(tmp_path, monkeypatch):
     main(["fit", "--config", str(config), f"--model.init_args.encoder={MICRO}", "--trainer.max_epochs=2",
           "--trainer.enable_progress_bar=false",
           f"--recorder.records_dir={tmp_path / 'records'}"])
-    (path,) = (tmp_path / "records").glob("*.json")
-    record = json.loads(path.read_text())
+    records = [json.loads(path.read_text()) for path in (tmp_path / "records").glob("*.json")]
+    assert sorted(r["role"] for r in records) == ["test", "validation"]
+    (record,) = [r for r in records if r["role"] == "test"]
     extras = record["linear_probe"]
     assert record["protocol"] == "linear_probe"
     assert len(extras["heads"]) == 13 * 2 * 2

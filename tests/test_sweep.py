@@ -198,8 +198,7 @@ def test_random_trials_seeded_and_stable(tmp_path):
 def test_ddp_fit_two_processes_one_record_per_split(tmp_path):
     """2 processes x batch 16 and 1 process x batch 32 have the same global batch (accumulation 1)."""
     base = [sys.executable, "-m", "d2v_eval.cli", "fit", "--config", str(DEMO), *SHORT_RUN,
-            "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=null",
-            "--trainer.callbacks+=d2v_eval.sweep.validation.FinalValidationRecord"]
+            "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=null"]
     runs = {
         "ddp": ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu", "--data.batch_size=16"],
         "single": ["--trainer.devices=1", "--data.batch_size=32"],

@@ -34,7 +34,10 @@ def test_table1_config_parses_with_hub_id(name, capsys):
 
 
 def _single_record(records_dir: Path) -> dict:
-    (record,) = read_records(records_dir)
+    """The test record of the one run in ``records_dir`` (fit also writes a validation record)."""
+    records = read_records(records_dir)
+    assert len({r["run_id"] for r in records}) == 1
+    (record,) = [r for r in records if r["role"] == "test"]
     return record
 
 

@@ -52,15 +52,25 @@ class ResultRecorder(Callback):
     Metrics come from ``pl_module.eval_results``, which the protocols synchronise over processes
     before this callback reads them. ``config`` is the fully resolved run configuration, set by the CLI.
 
+    At the end of ``fit`` it also writes the last validation epoch (``role: validation`` and its
+    ``epoch``), sharing the run id with the test record that follows, so that tables and sweeps can
+    select on validation without another process or a checkpoint reload.
+
     Args:
         records_dir: folder that receives one JSON file per evaluated split.
         tags: free-form labels stored in each record (for filtering tables).
+        validation_after_fit: write the record of the last validation epoch when ``fit`` ends.
     """
 
-    def __init__(self, records_dir: str = DEFAULT_RECORDS_DIR, tags: list[str] | None = None):
+    def __init__(
+        self, records_dir: str = DEFAULT_RECORDS_DIR, tags: list[str] | None = None, validation_after_fit: bool = True
+    ):
         super().__init__()
         self.records_dir = records_dir
         self.tags = list(tags or [])
+        self.validation_after_fit = validation_after_fit
+        self._validated_epoch: int | None = None
+        self._trained_epoch: int | None = None
         self.config: dict | None = None
         self.run_id = new_run_id()
         self.written: list[Path] = []
@@ -70,8 +80,28 @@ class ResultRecorder(Callback):
         self._write(trainer, pl_module, stage="test", role="test")
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.state.fn == TrainerFn.VALIDATING and not trainer.sanity_checking:
+        if trainer.sanity_checking:
+            return
+        self._validated_epoch = trainer.current_epoch
+        if trainer.state.fn == TrainerFn.VALIDATING:
             self._write(trainer, pl_module, stage="val", role="validation")
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._trained_epoch = trainer.current_epoch
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.validation_after_fit:
+            return
+        if self._validated_epoch is None or "val" not in getattr(pl_module, "eval_results", {}):
+            log.warning("the fit ran no validation epoch, so no validation record was written")
+            return
+        if self._trained_epoch is not None and self._validated_epoch != self._trained_epoch:
+            log.warning(
+                "the last validation ran at epoch %d, before the final epoch %d, so its record does not "
+                "describe the final weights; set trainer.check_val_every_n_epoch to 1",
+                self._validated_epoch, self._trained_epoch,
+            )
+        self._write(trainer, pl_module, stage="val", role="validation", extra={"epoch": self._validated_epoch})
 
     def build_record(self, trainer: Trainer, pl_module: LightningModule, *, stage: str, role: str) -> dict:
         results = dict(pl_module.eval_results[stage])
@@ -100,7 +130,8 @@ class ResultRecorder(Callback):
             "duration_s": round(time.monotonic() - self._started, 3),
             "checkpoint": trainer.ckpt_path,
             # Folder of the TensorBoard event files for this run (None without a logger).
-            "log_dir": trainer.log_dir if trainer.loggers else None,
+            # The logger's own log_dir: trainer.log_dir broadcasts, which would hang when only rank 0 writes.
+            "log_dir": getattr(trainer.loggers[0], "log_dir", None) if trainer.loggers else None,
             "tags": self.tags,
             "sweep": os.environ.get(SWEEP_ENV),
             "trial": os.environ.get(TRIAL_ENV),
@@ -115,10 +146,13 @@ class ResultRecorder(Callback):
             record.update(extras(stage))
         return record
 
-    def _write(self, trainer: Trainer, pl_module: LightningModule, *, stage: str, role: str) -> None:
+    def _write(
+        self, trainer: Trainer, pl_module: LightningModule, *, stage: str, role: str, extra: dict | None = None
+    ) -> None:
         if not trainer.is_global_zero:
             return
         record = self.build_record(trainer, pl_module, stage=stage, role=role)
+        record.update(extra or {})
         if any(path.name == f"{self.run_id}-{record['split']}.json" for path in self.written):
             # A second evaluation of the same split in one process (e.g. test after fit, then again)
             # gets a run id of its own rather than overwriting the first record.

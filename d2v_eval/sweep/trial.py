@@ -34,9 +34,8 @@ LOG_TAIL_LINES = 40
 # Same names as d2v_eval.results.recorder.SWEEP_ENV / TRIAL_ENV (this file cannot import that module).
 SWEEP_ENV = "D2V_EVAL_SWEEP"
 TRIAL_ENV = "D2V_EVAL_TRIAL"
-# Written into the validation record by d2v_eval.sweep.validation.FinalValidationRecord.
+# Role of the validation record that ResultRecorder writes at the end of every fit.
 VALIDATION_ROLE = "validation"
-VALIDATION_CALLBACK = "d2v_eval.sweep.validation.FinalValidationRecord"
 
 
 def now() -> str:
@@ -135,7 +134,6 @@ def build_command(plan: dict, trial: dict, folder: Path) -> list[str]:
     command += list(trial["arguments"])
     command += list(plan.get("launcher_args", []))
     command += [
-        f"--trainer.callbacks+={VALIDATION_CALLBACK}",
         f"--recorder.records_dir={folder / 'records'}",
         f"--trainer.default_root_dir={folder / 'runs'}",
         f"--test_after_fit={'true' if plan.get('test', True) else 'false'}",
