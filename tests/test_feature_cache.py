@@ -19,13 +19,7 @@ from d2v_eval.protocols.features import FeatureSpec, extract_features
 MICRO = "data2vec_vision_micro_patch4_16"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread than on threads competing for a few shared cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _key(**changes) -> str:

@@ -18,13 +18,7 @@ from d2v_eval.results import ResultRecorder
 MICRO = "data2vec_vision_micro_patch4_16"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread than on threads competing for a few shared cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trainer(**overrides) -> pl.Trainer:
