@@ -109,6 +109,18 @@ def test_original_use_ema_loads_model_ema(tmp_path, source):
     assert torch.allclose(tokens, source["ema_tokens"], atol=1e-6, rtol=0)
 
 
+def test_probe_takes_encoder_use_ema(tmp_path, source):
+    from d2v_eval import LinearProbe
+
+    path = tmp_path / "checkpoint-799.pth"
+    write_original(path, source)
+    probe = LinearProbe(str(path), num_classes=10, encoder_format="original", encoder_use_ema=True)
+    with torch.no_grad():
+        tokens = probe.encoder.forward_features(IMAGES)
+    assert probe.encoder_info.format == "original"
+    assert torch.allclose(tokens, source["ema_tokens"], atol=1e-6, rtol=0)
+
+
 def test_use_ema_needs_model_ema(tmp_path, source):
     path = tmp_path / "mp_rank_00_model_states.pt"
     write_deepspeed(path, source)

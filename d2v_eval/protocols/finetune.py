@@ -142,6 +142,8 @@ class FineTune(ClassificationModule):
         encoder: encoder source (preset name or Hugging Face directory), see ``load_encoder``.
         num_classes: linked from the data by LightningCLI.
         img_size: input resolution; None keeps the encoder's.
+        encoder_format: checkpoint format, overriding detection (see ``d2v_eval.encoders.FORMATS``).
+        encoder_use_ema: load the ``model_ema`` weights of an original data2vec_vision checkpoint.
         lr: peak learning rate of the last layer (absolute, data2vec style). Set it to None to use
             ``base_lr`` instead.
         base_lr: peak rate per 256 images (MAE/BEiT style): ``lr = base_lr * global_batch / 256``,
@@ -168,6 +170,8 @@ class FineTune(ClassificationModule):
         num_classes: int = 10,
         *,
         img_size: int | None = None,
+        encoder_format: str | None = None,
+        encoder_use_ema: bool = False,
         rel_pos_bias: RelPosBiasChoice = "per_block",
         lr: float | None = 4e-3,
         base_lr: float | None = None,
@@ -210,7 +214,7 @@ class FineTune(ClassificationModule):
 
         self.model, self.encoder_info = load_encoder_with_info(
             encoder, img_size=img_size, drop_path_rate=drop_path_rate, global_pool="avg",
-            rel_pos_bias=rel_pos_bias, num_classes=num_classes,
+            rel_pos_bias=rel_pos_bias, num_classes=num_classes, format=encoder_format, use_ema=encoder_use_ema,
         )
 
         self.mixup: Mixup | None = None

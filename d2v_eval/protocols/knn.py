@@ -67,6 +67,8 @@ class KNN(ClassificationModule):
         encoder: encoder source (preset name or Hugging Face directory), see ``load_encoder``.
         num_classes: linked from the data by LightningCLI.
         img_size: input resolution; None keeps the encoder's.
+        encoder_format: checkpoint format, overriding detection (see ``d2v_eval.encoders.FORMATS``).
+        encoder_use_ema: load the ``model_ema`` weights of an original data2vec_vision checkpoint.
         features: the feature spec (default: CLS token of the last block after the final norm, as DINO).
         k: neighbour counts to evaluate, all from one top-k search.
         temperature: softmax temperature of the neighbour weights.
@@ -82,6 +84,8 @@ class KNN(ClassificationModule):
         num_classes: int = 10,
         *,
         img_size: int | None = None,
+        encoder_format: str | None = None,
+        encoder_use_ema: bool = False,
         features: FeatureSpec | None = None,
         k: list[int] | None = None,
         temperature: float = 0.07,
@@ -103,7 +107,8 @@ class KNN(ClassificationModule):
         if temperature <= 0:
             raise ValueError(f"temperature {temperature} must be positive, e.g. 0.07")
         self.encoder, self.encoder_info = load_encoder_with_info(
-            encoder, img_size=img_size, global_pool="token", num_classes=0
+            encoder, img_size=img_size, global_pool="token", num_classes=0,
+            format=encoder_format, use_ema=encoder_use_ema,
         )
         self.encoder.requires_grad_(False)
         self.encoder.eval()

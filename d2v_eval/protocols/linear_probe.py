@@ -69,6 +69,8 @@ class LinearProbe(ClassificationModule):
         encoder: encoder source (preset name or Hugging Face directory), see ``load_encoder``.
         num_classes: linked from the data by LightningCLI.
         img_size: input resolution; None keeps the encoder's.
+        encoder_format: checkpoint format, overriding detection (see ``d2v_eval.encoders.FORMATS``).
+        encoder_use_ema: load the ``model_ema`` weights of an original data2vec_vision checkpoint.
         features: feature specs to compare (default: CLS token; mean of patch tokens; last block, final norm).
         lrs: learning rates of the grid (default: DINOv2's 13 rates from 1e-5 to 0.1).
         lr_rule: ``"absolute"`` uses ``lrs`` as given; ``"linear_scaling"`` multiplies them by global batch / 256.
@@ -95,6 +97,8 @@ class LinearProbe(ClassificationModule):
         num_classes: int = 10,
         *,
         img_size: int | None = None,
+        encoder_format: str | None = None,
+        encoder_use_ema: bool = False,
         features: list[FeatureSpec] | None = None,
         lrs: list[float] | None = None,
         lr_rule: LrRule = "linear_scaling",
@@ -125,7 +129,8 @@ class LinearProbe(ClassificationModule):
 
         # global_pool="token" keeps the encoder's final norm, which feature specs with final_norm use.
         self.encoder, self.encoder_info = load_encoder_with_info(
-            encoder, img_size=img_size, global_pool="token", num_classes=0
+            encoder, img_size=img_size, global_pool="token", num_classes=0,
+            format=encoder_format, use_ema=encoder_use_ema,
         )
         self.encoder.requires_grad_(False)
         self.encoder.eval()
