@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         args=None if from_command_line else argv,
         parser_kwargs={
             "description": "Evaluate Data2Vec-Vision encoders. Other subcommands: "
-            + ", ".join(sorted(EXTRA_SUBCOMMANDS)) + " (run `d2v-eval report --help`)."
+            + ", ".join(sorted(EXTRA_SUBCOMMANDS)) + " (run `d2v-eval SUBCOMMAND --help`)."
         },
         auto_configure_optimizers=False,
         save_config_callback=ResumableSaveConfig,

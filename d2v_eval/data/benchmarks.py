@@ -105,20 +105,20 @@ BENCHMARKS: dict[str, Benchmark] = {
     "dtd": Benchmark(
         name="dtd", hub_id="tanganke/dtd", num_classes=47, splits=_TRAIN_TEST,
         note="split 1: train 3,760 (official train + val) / test 1,880",
-        unverified="hub card not found in the stored copies: id, split sizes and columns taken "
-                   "from the project's reference notes",
+        unverified="dataset card not checked: hub id, split sizes and columns come from secondary "
+                   "notes; check them with `d2v-eval data prepare dtd` before relying on them",
     ),
     "stanford_cars": Benchmark(
         name="stanford_cars", hub_id="tanganke/stanford_cars", num_classes=196, splits=_TRAIN_TEST,
         note="official train 8,144 / test 8,041",
-        unverified="hub card not found in the stored copies: id and columns taken from the project's "
-                   "reference notes; split sizes match the official release",
+        unverified="dataset card not checked: hub id and columns come from secondary notes; the "
+                   "split sizes match the official release",
     ),
     "sun397": Benchmark(
         name="sun397", hub_id="tanganke/sun397", num_classes=397, splits=_TRAIN_TEST,
         note="partition 1 (about 19,850 train / 19,850 test); Kornblith et al. use the same partition",
-        unverified="hub card not found in the stored copies: id, partition and columns taken from the "
-                   "project's reference notes",
+        unverified="dataset card not checked: hub id, partition and columns come from secondary "
+                   "notes; check them after `d2v-eval data prepare sun397`",
     ),
     "fgvc_aircraft": Benchmark(
         name="fgvc_aircraft", hub_id="HuggingFaceM4/FGVC-Aircraft", num_classes=100,
