@@ -53,8 +53,8 @@ class ResultRecorder(Callback):
     before this callback reads them. ``config`` is the fully resolved run configuration, set by the CLI.
 
     At the end of ``fit`` it also writes the last validation epoch (``role: validation`` and its
-    ``epoch``), sharing the run id with the test record that follows, so that tables and sweeps can
-    select on validation without another process or a checkpoint reload.
+    ``epoch``) under the run id of the test record that follows. Tables and sweeps then select on
+    validation without another process or a checkpoint reload.
 
     Args:
         records_dir: folder that receives one JSON file per evaluated split.
