@@ -115,6 +115,19 @@ def test_local_grid_interrupt_resume_rerun(tmp_path, monkeypatch, caplog):
     assert "0 to run" in caplog.text
 
 
+def test_submitit_local_grid(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sweep_dir = tmp_path / "sweep"
+    exit_code = main(["sweep", "--config", str(DEMO), *GRID, "--name", "grid", "--sweep_dir", str(sweep_dir),
+                      "--launcher", "submitit-local", "--", *SHORT_RUN])
+    assert exit_code == 0
+    statuses = _statuses(sweep_dir)
+    assert len(statuses) == 4
+    assert all(status["state"] == "completed" for status in statuses.values())
+    assert len(list((sweep_dir / "submitit").glob("*_log.out"))) == 4
+    assert len(_summary_rows(sweep_dir)) == 4
+
+
 def test_submitit_local_failing_trial(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     sweep_dir = tmp_path / "sweep"
@@ -136,11 +149,9 @@ def test_submitit_local_failing_trial(tmp_path, monkeypatch):
 def test_slurm_scripts_without_submitting(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     spec_file = ROOT / "experiments" / "sweeps" / "imagenet_lr_layer_decay.yaml"
-    base = load_spec(spec_file).base_config[0]
-    # The Table 1 config may live on another branch; the demo config has the same keys.
-    config = [] if (ROOT / base).is_file() else ["--config", str(DEMO)]
+    assert (ROOT / load_spec(spec_file).base_config[0]).is_file()
     sweep_dir = tmp_path / "imagenet"
-    assert main(["sweep", str(spec_file), *config, "--sweep_dir", str(sweep_dir), "--no-submit"]) == 0
+    assert main(["sweep", str(spec_file), "--sweep_dir", str(sweep_dir), "--no-submit"]) == 0
 
     script = (sweep_dir / "slurm" / "array.sbatch").read_text()
     for line in ["#SBATCH --array=0-8%3", "#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=8",
