@@ -2,8 +2,8 @@
 # Rebuild every committed table and plot in results/demo/ from the records in results/records/demo/.
 #   results/regenerate.sh           # tables and plots from the committed records
 #   results/regenerate.sh --rerun   # first run both demo configs again and add their records, then rebuild
-# Timing on a 2-core machine shared with other jobs: the rebuild took 2 minutes (mostly imports, once
-# per report call); the demo runs took 3 (linear probe) and 43 (fine-tune) minutes.
+# Timing on an idle 2-core machine: --rerun took 3.4 minutes in all (both demo runs, then the rebuild,
+# which spends most of its time importing the package once per report call).
 # Set D2V_EVAL to the command to use (default: d2v-eval), e.g. D2V_EVAL="python -m d2v_eval.cli".
 set -euo pipefail
 cd "$(dirname "$0")/.."
