@@ -17,7 +17,7 @@ class BeitArch:
     """Hyperparameters that fix the shapes of a BEiT-style encoder.
 
     ``img_size`` is the resolution the weights were trained at (square, pixels).
-    ``rel_pos_bias`` says how the relative position bias tables are stored:
+    ``rel_pos_bias`` is the storage layout of the relative position bias tables:
     one table shared by all blocks, one per block, or none.
     """
 

@@ -47,7 +47,7 @@ def _eval_metrics(num_classes: int) -> MetricCollection:
 class ClassificationModule(pl.LightningModule):
     """Base for protocols: subclasses define ``forward`` (images -> logits), training and optimizers.
 
-    After each validation or test epoch, ``eval_results[stage]`` holds ``top1``, ``top5`` and
+    After each validation or test epoch, ``eval_results[stage]`` contains ``top1``, ``top5`` and
     ``mean_per_class`` in percent, the mean ``loss`` and ``num_samples``, synchronised over processes.
     """
 

@@ -1,8 +1,8 @@
 """Optimizer parameter groups with layer-wise learning-rate decay, and the warmup-cosine schedule.
 
 Layer assignment follows facebookresearch/data2vec_vision, beit/optim_factory.py (``get_num_layer_for_vit``):
-layer 0 holds cls_token, patch_embed and pos_embed; block i is layer i + 1; everything else (a shared
-rel_pos_bias, fc_norm, head) is layer depth + 1. A group's scale is ``layer_decay ** (depth + 1 - layer)``.
+layer 0 contains cls_token, patch_embed and pos_embed, and block i is layer i + 1. Everything else (a
+shared rel_pos_bias, fc_norm, head) is layer depth + 1. A group's scale is ``layer_decay ** (depth + 1 - layer)``.
 
 Written here rather than taken from timm's ``param_groups_layer_decay`` for two reasons: timm puts a
 shared rel_pos_bias in layer 0, and timm stores the decay as ``lr_scale``, which only timm's own
@@ -107,9 +107,9 @@ def param_group_table(groups: list[dict]) -> str:
 def warmup_cosine(step: int, *, total_steps: int, warmup_steps: int, lr: float, warmup_lr: float, min_lr: float) -> float:
     """Learning rate at optimizer step ``step`` (0-based) of a linear-warmup, cosine-decay schedule.
 
-    Warmup rises linearly from ``warmup_lr`` to ``lr`` over ``warmup_steps``; the cosine then falls from
-    ``lr`` to ``min_lr`` over the remaining steps, as ``cosine_scheduler`` in data2vec_vision's
-    beit/utils.py does, stepped every iteration.
+    Warmup rises linearly from ``warmup_lr`` to ``lr`` over ``warmup_steps``. The cosine then falls from
+    ``lr`` to ``min_lr`` over the remaining steps, stepped every iteration, as ``cosine_scheduler`` in
+    data2vec_vision's beit/utils.py does.
     """
     if step < warmup_steps:
         return warmup_lr + (lr - warmup_lr) * step / warmup_steps

@@ -99,7 +99,7 @@ def read_records(records_dir: str | Path = DEFAULT_RECORDS_DIR) -> list[dict]:
             log.warning("skipping unreadable record %s: %s", path, error)
             continue
         if not isinstance(record, dict):
-            log.warning("skipping record %s: it holds a JSON %s, not an object", path, type(record).__name__)
+            log.warning("skipping record %s: it contains a JSON %s, not an object", path, type(record).__name__)
             continue
         missing = [name for name in REQUIRED_FIELDS if name not in record]
         if missing:
