@@ -236,7 +236,7 @@ def tree_with_bad_files(tmp_path) -> Path:
 def _test_loader(root: Path, policy: str, workers: int) -> DataLoader:
     data = ImageClassificationData(str(root), input_size=16, num_workers=workers, corrupt_policy=policy, batch_size=4)
     data.setup("test")
-    return data._loader("test", shuffle=False)
+    return data.test_dataloader()
 
 
 @pytest.mark.parametrize("workers", [0, 2])

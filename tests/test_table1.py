@@ -84,60 +84,89 @@ def test_global_batch_not_divisible(tmp_path, monkeypatch):
         ])
 
 
-class CrashAtEpoch(pl.Callback):
-    """Simulate a crash at the start of training epoch ``epoch``, after the previous epoch's checkpoint."""
+class CrashAfterStep(pl.Callback):
+    """Simulate a crash right after optimizer step ``step`` and the checkpoint saved with it."""
 
-    def __init__(self, epoch: int = 1):
-        self.epoch = epoch
+    def __init__(self, step: int):
+        self.step = step
 
-    def on_train_epoch_start(self, trainer, pl_module):
-        if trainer.current_epoch == self.epoch:
-            raise RuntimeError(f"simulated crash at epoch {self.epoch}")
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"simulated crash after optimizer step {self.step}")
 
 
+# 2 epochs x 4 batches of 4 images, accumulated in pairs: optimizer steps 1 and 3 end mid-epoch,
+# step 2 ends epoch 0. Loader workers, RandAugment, random erasing, mixup, drop path and EMA all draw
+# random numbers. A checkpoint is written after every optimizer step, beside the epoch-end one.
+STEP_CHECKPOINTS = json.dumps({
+    "class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+    "init_args": {"every_n_train_steps": 1, "save_last": True},
+})
 RESUME_RUN = [
     "--model.init_args.encoder=data2vec_vision_micro_patch4_16", "--data.benchmark=digits",
-    "--data.num_workers=0", "--data.batch_size=8", "--trainer.accelerator=cpu", "--trainer.devices=1",
-    "--trainer.num_nodes=1", "--trainer.strategy=auto", "--trainer.precision=32-true",
+    "--data.num_workers=2", "--data.batch_size=4", "--global_batch_size=8", "--trainer.accelerator=cpu",
+    "--trainer.devices=1", "--trainer.num_nodes=1", "--trainer.strategy=auto", "--trainer.precision=32-true",
     "--trainer.deterministic=true", "--trainer.enable_progress_bar=false", "--trainer.max_epochs=2",
-    "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1",
-    "--model.init_args.warmup_epochs=1", "--model.init_args.img_size=null", "--global_batch_size=8",
-    "--model.init_args.model_ema=true",
+    "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1",
+    "--model.init_args.warmup_epochs=1", "--model.init_args.img_size=null", "--model.init_args.model_ema=true",
+    f"--trainer.callbacks+={STEP_CHECKPOINTS}",
 ]
 
 
-def _final_state(run_dir: Path) -> tuple[dict, list[float]]:
-    checkpoint = torch.load(
+def _final_state(run_dir: Path) -> dict:
+    return torch.load(
         run_dir / "runs" / "table1" / "data2vec_vit_b_finetune" / "checkpoints" / "last.ckpt", weights_only=True
     )
-    lrs = [group["lr"] for group in checkpoint["optimizer_states"][0]["param_groups"]]
-    return checkpoint["state_dict"], lrs
 
 
-def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
-    config = ["fit", "--config", str(TABLE1 / "data2vec_vit_b_finetune.yaml"), *RESUME_RUN]
+def _group_lrs(checkpoint: dict) -> list[float]:
+    return [group["lr"] for group in checkpoint["optimizer_states"][0]["param_groups"]]
 
-    straight = tmp_path / "straight"
-    straight.mkdir()
-    monkeypatch.chdir(straight)
-    main([*config, f"--recorder.records_dir={straight / 'records'}"])
 
+def _run(run_dir: Path, monkeypatch, *extra: str) -> None:
+    run_dir.mkdir()
+    monkeypatch.chdir(run_dir)
+    main([
+        "fit", "--config", str(TABLE1 / "data2vec_vit_b_finetune.yaml"), *RESUME_RUN, *extra,
+        f"--recorder.records_dir={run_dir / 'records'}",
+    ])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _run(run_dir, monkeypatch)
+    return run_dir
+
+
+@pytest.mark.parametrize("crash_step", [1, 2, 3], ids=["mid_epoch_0", "epoch_boundary", "mid_epoch_1"])
+def test_resume_matches_uninterrupted_run(crash_step, uninterrupted_run, tmp_path, monkeypatch):
     resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    monkeypatch.chdir(resumed)
-    crash = json.dumps({"class_path": f"{__name__}.CrashAtEpoch", "init_args": {"epoch": 1}})
-    with pytest.raises(RuntimeError, match="simulated crash at epoch 1"):
-        main([*config, f"--trainer.callbacks+={crash}", f"--recorder.records_dir={resumed / 'records'}"])
+    crash = json.dumps({"class_path": f"{__name__}.CrashAfterStep", "init_args": {"step": crash_step}})
+    with pytest.raises(RuntimeError, match=f"simulated crash after optimizer step {crash_step}"):
+        _run(resumed, monkeypatch, f"--trainer.callbacks+={crash}")
     assert not (resumed / "records").exists()
-    main([*config, "--ckpt_path=last", f"--recorder.records_dir={resumed / 'records'}"])
+    interrupted = _final_state(resumed)
+    assert interrupted["global_step"] == crash_step
 
-    straight_weights, straight_lrs = _final_state(straight)
-    resumed_weights, resumed_lrs = _final_state(resumed)
-    assert resumed_lrs == straight_lrs
-    assert straight_lrs[0] < straight_lrs[-1]  # layer decay survives the resume
-    assert straight_weights.keys() == resumed_weights.keys()
-    for name, tensor in straight_weights.items():
-        assert torch.equal(tensor, resumed_weights[name]), name
-    straight_metrics = _single_record(straight / "records")["metrics"]
-    resumed_metrics = _single_record(resumed / "records")["metrics"]
-    assert resumed_metrics == straight_metrics
+    # The resumed run reuses the interrupted run's folder, as a restarted job does.
+    monkeypatch.chdir(resumed)
+    main([
+        "fit", "--config", str(TABLE1 / "data2vec_vit_b_finetune.yaml"), *RESUME_RUN, "--ckpt_path=last",
+        f"--recorder.records_dir={resumed / 'records'}",
+    ])
+
+    straight = _final_state(uninterrupted_run)
+    final = _final_state(resumed)
+    assert final["global_step"] == straight["global_step"] == 4
+    assert _group_lrs(final) == _group_lrs(straight)
+    assert _group_lrs(straight)[0] < _group_lrs(straight)[-1]  # layer decay survives the resume
+    assert final["state_dict"].keys() == straight["state_dict"].keys()
+    for name, tensor in straight["state_dict"].items():
+        assert torch.equal(tensor, final["state_dict"][name]), name
+    straight_moments = straight["optimizer_states"][0]["state"]
+    for index, moments in final["optimizer_states"][0]["state"].items():
+        assert torch.equal(moments["exp_avg"], straight_moments[index]["exp_avg"]), index
+    straight_metrics = _single_record(uninterrupted_run / "records")["metrics"]
+    assert _single_record(resumed / "records")["metrics"] == straight_metrics

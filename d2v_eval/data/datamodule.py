@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -11,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 from datasets import ClassLabel, DatasetDict, Image as ImageFeature, load_dataset, load_from_disk
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from pytorch_lightning.trainer.states import TrainerFn
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, default_collate
 
@@ -20,6 +22,8 @@ from d2v_eval.data.columns import resolve_columns
 from d2v_eval.data.digits import cache_root, digits_path
 from d2v_eval.data.images import DECODE_ERRORS, decode_image
 from d2v_eval.data.local import load_local
+from d2v_eval.data.sampler import ResumableLoader, ResumableSampler, training_position
+from d2v_eval.randomness import fresh_seed, run_seed, seeded_rngs
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +46,10 @@ class TransformedSplit(Dataset):
 
     Images are decoded here (the column is read with ``decode=False``) so that a bad file is caught
     with its sample index and path. Under ``corrupt_policy="skip"`` a bad sample logs one warning and
-    yields None, which :func:`collate_skipping_none` drops from its batch.
+    yields None, which :class:`CollateSkippingNone` drops from its batch.
+
+    An item is requested by index, or by ``(index, sample_seed)`` as :class:`ResumableSampler`
+    yields them; then the transform draws its random numbers from ``sample_seed`` alone.
     """
 
     def __init__(self, split, transform, image_column: str, label_column: str, *,
@@ -69,7 +76,8 @@ class TransformedSplit(Dataset):
         where = f"file {path}" if path else f"row {index} of the stored table"
         return f"sample {index} of split {self.split_name!r} ({where})"
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, item: int | tuple[int, int]):
+        index, sample_seed = item if isinstance(item, tuple) else (item, None)
         row = self.split[index]
         cell = row[self.image_column]
         try:
@@ -83,7 +91,11 @@ class TransformedSplit(Dataset):
                 ) from error
             log.warning("skipping %s: %s", where, error)
             return None
-        return self.transform(image), int(row[self.label_column])
+
+        if sample_seed is None:
+            return self.transform(image), int(row[self.label_column])
+        with seeded_rngs(sample_seed):
+            return self.transform(image), int(row[self.label_column])
 
 
 class CollateSkippingNone:
@@ -185,6 +197,8 @@ class ImageClassificationData(pl.LightningDataModule):
             self.splits["validation"] = CARVED_VALIDATION
         self._splits: DatasetDict | None = None
         self.datasets: dict[str, TransformedSplit] = {}
+        self._train_loader: ResumableLoader | None = None
+        self._train_loader_state: dict = {}  # restored from a checkpoint, applied to the next train loader
 
     @staticmethod
     def _resolve_entry(benchmark: str) -> Benchmark:
@@ -339,38 +353,78 @@ class ImageClassificationData(pl.LightningDataModule):
 
     # ---- loaders -----------------------------------------------------------------------------
 
-    def _loader(self, role: str, *, shuffle: bool, drop_last: bool = False) -> DataLoader:
+    def _loader_options(self) -> dict:
+        return {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            "pin_memory": torch.cuda.is_available(),
+            "collate_fn": CollateSkippingNone(self.input_size) if self.corrupt_policy == "skip" else None,
+        }
+
+    def _evaluation_loader(self, role: str) -> DataLoader:
         dataset = self.datasets[role]
         sampler = None
         trainer = self.trainer
-        if not shuffle and trainer is not None and trainer.world_size > 1:
+        if trainer is not None and trainer.world_size > 1:
             # Every evaluation sample counts once: shard without the padding DistributedSampler adds.
             sampler = UnrepeatedDistributedSampler(
                 dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
             )
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            drop_last=drop_last,
-            collate_fn=CollateSkippingNone(self.input_size) if self.corrupt_policy == "skip" else None,
-        )
+        return DataLoader(dataset, sampler=sampler, shuffle=False, **self._loader_options())
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True, drop_last=self.hparams.drop_last)
+    def _shuffle_seed(self) -> int:
+        """The run seed (``seed_everything``), else a fresh one; the same on every process."""
+        seed = run_seed()
+        if seed is None:
+            seed = fresh_seed()
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            seed = trainer.strategy.broadcast(seed, src=0)
+        return seed
+
+    def train_dataloader(self) -> ResumableLoader:
+        """Shuffled training batches that resume mid-epoch from a Lightning checkpoint.
+
+        Each augmented image draws its random numbers from a seed fixed by (run seed, epoch, sample
+        index). So the batches of a run resumed after any optimizer step, with any ``num_workers``,
+        equal those of an uninterrupted run.
+        """
+        dataset = self.datasets["train"]
+        trainer = self.trainer
+        distributed = trainer is not None and trainer.world_size > 1
+        sampler = ResumableSampler(
+            dataset, seed=self._shuffle_seed(),
+            num_replicas=trainer.world_size if distributed else 1, rank=trainer.global_rank if distributed else 0,
+            with_seeds=isinstance(dataset, TransformedSplit),
+        )
+        loader = ResumableLoader(dataset, sampler=sampler, drop_last=self.hparams.drop_last, **self._loader_options())
+        if trainer is not None:
+            loader.position = partial(training_position, trainer)
+        if self._train_loader_state:
+            loader.load_state_dict(self._train_loader_state)
+            self._train_loader_state = {}
+        self._train_loader = loader
+        return loader
+
+    def state_dict(self) -> dict:
+        """Checkpoint state: the training loader's position (see :class:`ResumableLoader`)."""
+        if self._train_loader is None or self.trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
+            return {}
+        return {"train_loader": self._train_loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Keep a checkpoint's training-loader position for the next ``train_dataloader()``."""
+        self._train_loader_state = dict(state_dict.get("train_loader", {}))
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader("validation", shuffle=False) if "validation" in self.datasets else []
+        return self._evaluation_loader("validation") if "validation" in self.datasets else []
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._evaluation_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._evaluation_loader("test")
 
     def split_size(self, role: str) -> int:
         return len(self.datasets[role])

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import logging
-import os
-import random
 import time
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
-from torch.utils.data import DataLoader, RandomSampler
 from torchmetrics import MeanMetric
 
 from d2v_eval.encoders import load_encoder_with_info
@@ -26,6 +22,7 @@ from d2v_eval.protocols.optim import (
     param_group_table,
     resolve_peak_lr,
 )
+from d2v_eval.randomness import derive_seed, run_seed, seed_global_rngs
 
 log = logging.getLogger(__name__)
 
@@ -82,38 +79,6 @@ class ThroughputMeter:
         }
 
 
-def reseed_for_epoch(seed: int, epoch: int, rank: int) -> int:
-    """Seed torch, numpy and ``random`` from (seed, epoch, rank) and return the derived torch seed.
-
-    Called at every training epoch start, so that the augmentation, drop path and mixup of an epoch
-    depend only on the run seed and the epoch number. A run resumed at an epoch boundary then draws
-    the same random numbers as an uninterrupted one.
-    """
-    state = np.random.SeedSequence([seed, epoch, rank]).generate_state(2)
-    derived = int(state[0]) << 32 | int(state[1])
-    torch.manual_seed(derived)
-    np.random.seed(int(state[0]))
-    random.seed(derived)
-    return derived
-
-
-def seed_shuffle(dataloader, seed: int) -> None:
-    """Make a shuffling loader draw its order and iterator seed from generators of its own.
-
-    Lightning creates the epoch's loader iterator before ``on_train_epoch_start`` on a resumed run
-    but after it otherwise, and both creating an iterator and starting a ``RandomSampler`` draw from
-    the global torch RNG unless the loader and the sampler have generators. With their own
-    generators, seeded here, the order and the global RNG stream (augmentation, drop path, mixup)
-    after the epoch start are the same either way. ``DistributedSampler`` (DDP) already shuffles
-    by seed and epoch and is left alone.
-    """
-    sampler = getattr(dataloader, "sampler", None)
-    if isinstance(sampler, RandomSampler):
-        sampler.generator = torch.Generator().manual_seed(seed)
-    if isinstance(dataloader, DataLoader):
-        dataloader.generator = torch.Generator().manual_seed((seed + 1) % 2**63)
-
-
 class FineTune(ClassificationModule):
     """Full fine-tuning of a BEiT encoder with mean pooling into a fresh ``fc_norm`` and a linear head.
 
@@ -134,9 +99,10 @@ class FineTune(ClassificationModule):
     off); precision is ``trainer.precision`` (``bf16-mixed`` or ``16-mixed``).
 
     Randomness: when the run is seeded (``seed_everything``), torch, numpy and ``random`` are
-    re-seeded from (seed, epoch, rank) at every epoch start, so a run resumed with
-    ``--ckpt_path last`` at an epoch boundary continues exactly as an uninterrupted run would
-    with ``num_workers=0``.
+    re-seeded from (seed, epoch, batch index, rank) before every training batch, so drop path and
+    mixup never depend on what ran before. With the data module's resumable training loader, a
+    run resumed with ``--ckpt_path last`` from a checkpoint saved after any optimizer step ends with
+    the same weights as an uninterrupted run (on CPU, with ``trainer.deterministic``).
 
     Args:
         encoder: encoder source (preset name or Hugging Face directory), see ``load_encoder``.
@@ -278,14 +244,12 @@ class FineTune(ClassificationModule):
         self._last_global_step = self.trainer.global_step  # non-zero after a resume
 
     def on_train_epoch_start(self) -> None:
-        # NOTE: exact only for resumes at an epoch boundary with num_workers=0. Loader workers take
-        # their seeds when the iterator is created, before this hook on a resumed run. From a mid-epoch
-        # checkpoint Lightning cannot restore a plain DataLoader's position (it warns about that).
-        seed = os.environ.get("PL_GLOBAL_SEED")
-        if seed is not None:
-            derived = reseed_for_epoch(int(seed), self.current_epoch, self.global_rank)
-            seed_shuffle(self.trainer.train_dataloader, derived)
         self.throughput.start_epoch()
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        seed = run_seed()
+        if seed is not None:
+            seed_global_rngs(derive_seed(seed, self.current_epoch, batch_idx, self.global_rank))
 
     # ---- training ----------------------------------------------------------------------------
 
@@ -313,11 +277,15 @@ class FineTune(ClassificationModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[-1]["lr"])
         return loss
 
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        # Here rather than in on_train_batch_end, which runs after ModelCheckpoint has saved the step.
+        if self.model_ema is not None:
+            self.model_ema.update(self.model, step=self.trainer.global_step + 1)
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         stepped = self.trainer.global_step != self._last_global_step
         self._last_global_step = self.trainer.global_step
-        if stepped and self.model_ema is not None:
-            self.model_ema.update(self.model, step=self.trainer.global_step)
 
         measured = self.throughput.add_batch(len(batch[0]), stepped=stepped)
         if measured is not None:
