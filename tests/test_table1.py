@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,8 @@ import torch
 from d2v_eval.cli import main
 from d2v_eval.results import read_records
 
-TABLE1 = Path(__file__).resolve().parents[1] / "configs" / "table1"
+ROOT = Path(__file__).resolve().parents[1]
+TABLE1 = ROOT / "configs" / "table1"
 # The recipe's encoder, data and cluster swapped for the tiny preset, digits and one CPU process.
 TINY_CPU = [
     "--model.init_args.encoder=data2vec_vision_tiny_patch4_16", "--model.init_args.img_size=null",
@@ -97,10 +101,10 @@ class CrashAfterStep(pl.Callback):
 
 # 2 epochs x 4 batches of 4 images, accumulated in pairs: optimizer steps 1 and 3 end mid-epoch,
 # step 2 ends epoch 0. Loader workers, RandAugment, random erasing, mixup, drop path and EMA all draw
-# random numbers. A checkpoint is written after every optimizer step, beside the epoch-end one.
+# random numbers. A checkpoint is kept for every optimizer step, beside the epoch-end one.
 STEP_CHECKPOINTS = json.dumps({
     "class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
-    "init_args": {"every_n_train_steps": 1, "save_last": True},
+    "init_args": {"every_n_train_steps": 1, "save_top_k": -1, "save_last": True},
 })
 RESUME_RUN = [
     "--model.init_args.encoder=data2vec_vision_micro_patch4_16", "--data.benchmark=digits",
@@ -170,3 +174,71 @@ def test_resume_matches_uninterrupted_run(crash_step, uninterrupted_run, tmp_pat
         assert torch.equal(moments["exp_avg"], straight_moments[index]["exp_avg"]), index
     straight_metrics = _single_record(uninterrupted_run / "records")["metrics"]
     assert _single_record(resumed / "records")["metrics"] == straight_metrics
+
+
+def _launch(run_dir: Path, *args: str) -> subprocess.Popen:
+    """Start ``d2v-eval fit`` on the ViT-B config in its own process (DDP needs a fresh interpreter)."""
+    run_dir.mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "d2v_eval.cli", "fit", "--config", str(TABLE1 / "data2vec_vit_b_finetune.yaml"),
+        *RESUME_RUN, "--data.num_workers=0", f"--recorder.records_dir={run_dir / 'records'}", *args,
+    ]
+    return subprocess.Popen(command, cwd=run_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(process: subprocess.Popen, *, expect_success: bool = True) -> str:
+    output = process.communicate(timeout=600)[0]
+    assert (process.returncode == 0) == expect_success, output[-3000:]
+    return output
+
+
+def _step_checkpoints(run_dir: Path) -> dict[int, dict]:
+    paths = (run_dir / "runs" / "table1" / "data2vec_vit_b_finetune" / "checkpoints").glob("epoch=*-step=*.ckpt")
+    checkpoints = [torch.load(path, weights_only=True) for path in paths]
+    return {checkpoint["global_step"]: checkpoint for checkpoint in checkpoints}
+
+
+TWO_PROCESSES = ["--trainer.strategy=ddp", "--trainer.devices=2"]
+
+
+def test_lr_same_for_one_and_two_processes(tmp_path):
+    """Global batch 8 as 1 process x 4 images x 2 accumulation steps, and as 2 processes x 4 images."""
+    base_lr = ["--model.init_args.lr=null", "--model.init_args.base_lr=1e-3"]
+    single = _launch(tmp_path / "single", *base_lr)
+    # limit_train_batches counts batches per process: 2 per process keep 2 optimizer steps per epoch.
+    ddp = _launch(tmp_path / "ddp", *base_lr, *TWO_PROCESSES, "--trainer.limit_train_batches=2")
+    _finish(single)
+    _finish(ddp)
+
+    single_steps = _step_checkpoints(tmp_path / "single")
+    ddp_steps = _step_checkpoints(tmp_path / "ddp")
+    assert sorted(single_steps) == sorted(ddp_steps) == [1, 2, 3, 4]
+    for step in single_steps:
+        assert _group_lrs(ddp_steps[step]) == _group_lrs(single_steps[step]), step
+    # Step 1 warms up, step 2 reaches the peak, step 3 is half-way down the cosine.
+    assert _group_lrs(single_steps[1]) != _group_lrs(single_steps[2]) != _group_lrs(single_steps[3])
+
+    single_record = _single_record(tmp_path / "single" / "records")
+    ddp_record = _single_record(tmp_path / "ddp" / "records")
+    assert (single_record["world_size"], ddp_record["world_size"]) == (1, 2)
+    assert single_record["config"]["trainer"]["accumulate_grad_batches"] == 2
+    assert ddp_record["config"]["trainer"]["accumulate_grad_batches"] == 1
+    assert ddp_record["learning_rate"] == single_record["learning_rate"]
+    assert single_record["learning_rate"]["peak_lr"] == pytest.approx(1e-3 * 8 / 256)
+
+
+def test_two_process_resume_matches_uninterrupted_run(tmp_path):
+    straight = _launch(tmp_path / "straight", *TWO_PROCESSES, "--trainer.limit_train_batches=2")
+    crash = json.dumps({"class_path": "test_table1.CrashAfterStep", "init_args": {"step": 3}})
+    crashed = _launch(tmp_path / "resumed", *TWO_PROCESSES, "--trainer.limit_train_batches=2", f"--trainer.callbacks+={crash}")
+    _finish(straight)
+    assert "simulated crash after optimizer step 3" in _finish(crashed, expect_success=False)
+
+    resumed = _launch(tmp_path / "resumed", *TWO_PROCESSES, "--trainer.limit_train_batches=2", "--ckpt_path=last")
+    _finish(resumed)
+    expected, final = _final_state(tmp_path / "straight"), _final_state(tmp_path / "resumed")
+    assert final["global_step"] == expected["global_step"] == 4
+    for name, tensor in expected["state_dict"].items():
+        assert torch.equal(tensor, final["state_dict"][name]), name
+    assert _single_record(tmp_path / "resumed" / "records")["metrics"] == _single_record(tmp_path / "straight" / "records")["metrics"]
