@@ -73,6 +73,7 @@ def test_metrics_identical_for_1_2_3_processes(digits97, tmp_path, monkeypatch):
         assert record["num_samples"] == TEST_SIZE, processes
         assert record["split_size"] == TEST_SIZE, processes
         assert record["num_skipped"] == 0, processes
+        assert record["batch_limit"] is None, processes
         for name in ("top1", "top5", "mean_per_class"):
             assert record["metrics"][name] == reference[name], (processes, name)
         assert record["metrics"]["loss"] == pytest.approx(reference["loss"], rel=1e-5), processes

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import csv
+import math
+from pathlib import Path
+
 import pytest
 import pytorch_lightning as pl
 import torch
 from datasets import DatasetDict, load_from_disk
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.plugins import MixedPrecision
 from timm.models.beit import Beit
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, TensorDataset
@@ -193,6 +199,30 @@ def test_bf16_mixed_trains(odd_digits):
     trainer.fit(model, data)
     assert trainer.global_step == 2
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_fp16_overflow_steps_not_logged_as_nan(odd_digits, tmp_path):
+    """fp16 autocast on the CPU, with a gradient scaler whose first scales overflow fp16 gradients."""
+    pl.seed_everything(0)
+    model = FineTune("data2vec_vision_micro_patch4_16", num_classes=10, warmup_epochs=0, mixup_alpha=0, cutmix_alpha=0)
+    initial = {name: tensor.clone() for name, tensor in model.model.state_dict().items()}
+    init_scale = 2.0**24  # a loss near 2.3 times 2**24 overflows fp16 (max 65504) in the backward pass
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=1000)
+    data = ImageClassificationData(odd_digits, input_size=16, batch_size=4, num_workers=0)
+    trainer = small_trainer(
+        max_epochs=2, limit_val_batches=0, log_every_n_steps=1, logger=CSVLogger(tmp_path),
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+    )
+    trainer.fit(model, data)
+
+    assert scaler.get_scale() < init_scale  # the scaler skipped overflowing steps and backed off
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as file:
+        losses = [float(row["train/loss"]) for row in csv.DictReader(file) if row["train/loss"]]
+    assert len(losses) == trainer.global_step == 12
+    assert all(math.isfinite(loss) for loss in losses)
+    weights = model.model.state_dict()
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+    assert not torch.equal(weights["blocks.0.attn.qkv.weight"], initial["blocks.0.attn.qkv.weight"])  # later steps ran
 
 
 @pytest.mark.parametrize(

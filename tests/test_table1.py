@@ -59,6 +59,8 @@ def test_vit_b_config_runs_two_steps(tmp_path, monkeypatch):
     assert record["learning_rate"]["peak_lr"] == pytest.approx(4e-3)
     assert record["learning_rate"]["base_lr"] == pytest.approx(4e-3 * 256 / 16)
     assert record["learning_rate"]["scaling"] == "absolute"
+    assert record["batch_limit"] == 1                    # limit_test_batches=1: one batch of the split
+    assert record["num_skipped"] is None                 # not "undecodable": the rest was never loaded
     assert record["throughput"]["measured_steps"] == 1  # 2 optimizer steps, the first one unmeasured
     assert record["throughput"]["images_per_s"] > 0
     assert record["throughput"]["step_time_s"] > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -431,20 +432,41 @@ class ImageClassificationData(pl.LightningDataModule):
 
     # ---- result records ----------------------------------------------------------------------
 
-    def record_extras(self, role: str, num_samples: int) -> dict:
-        """Record fields for an evaluated ``role``: split size, skipped samples and standard metric.
+    def _batch_limit(self, role: str, split_size: int) -> int | float | None:
+        """The Trainer's ``limit_val_batches`` or ``limit_test_batches`` when it cuts ``role`` short, else None."""
+        trainer = self.trainer
+        if trainer is None or role not in ("validation", "test"):
+            return None
+        limit = trainer.limit_val_batches if role == "validation" else trainer.limit_test_batches
+        if isinstance(limit, float):
+            return limit if limit < 1.0 else None
+        batches_per_process = math.ceil(math.ceil(split_size / trainer.world_size) / self.batch_size)
+        return limit if limit < batches_per_process else None
 
-        ``num_samples`` is the count of samples evaluated over all processes; the difference to the
-        split size is what the ``skip`` corrupt-file policy left out.
+    def record_extras(self, role: str, num_samples: int) -> dict:
+        """Record fields for an evaluated ``role``: split size, skipped samples, batch limit and standard metric.
+
+        ``num_samples`` is the count of samples evaluated over all processes. On a whole split, the
+        difference to the split size is what the ``skip`` corrupt-file policy left out. Under a
+        Trainer batch limit (``batch_limit``), part of the split was never loaded and
+        ``num_skipped`` is None.
         """
-        split_size = self.split_size(role) if role in self.datasets else None
-        skipped = split_size - num_samples if split_size is not None else None
-        if skipped:
+        if role not in self.datasets:
+            return {"split_size": None, "num_skipped": None, "batch_limit": None, "metric": self.metric}
+        split_size = self.split_size(role)
+        limit = self._batch_limit(role, split_size)
+        skipped = None if limit is not None else split_size - num_samples
+        if limit is not None:
+            log.warning(
+                "split %r: evaluated %d of %d samples because the Trainer limits %s batches to %s; the record "
+                "does not describe the whole split", self.split_name(role), num_samples, split_size, role, limit,
+            )
+        elif skipped:
             log.warning(
                 "split %r: evaluated %d of %d samples, %d skipped as undecodable",
                 self.split_name(role), num_samples, split_size, skipped,
             )
-        return {"split_size": split_size, "num_skipped": skipped, "metric": self.metric}
+        return {"split_size": split_size, "num_skipped": skipped, "batch_limit": limit, "metric": self.metric}
 
 
 def _labels(split, label_column: str) -> np.ndarray:
