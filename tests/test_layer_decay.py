@@ -66,6 +66,20 @@ def test_weight_decay_skips_biases_and_tables():
     assert decay_of["blocks.0.norm1.weight"] == 0.0
 
 
+@pytest.mark.parametrize("rel_pos_bias", ["shared", "per_block"])
+def test_rel_pos_bias_weight_decay_option(rel_pos_bias):
+    model = FineTune(
+        "data2vec_vision_micro_patch4_16", num_classes=10, weight_decay=0.05, rel_pos_bias=rel_pos_bias,
+        rel_pos_bias_weight_decay=True,
+    )
+    decay_of = {name: group["weight_decay"] for group in model.param_groups() for name in group["param_names"]}
+    tables = [name for name in decay_of if "relative_position_bias_table" in name]
+    assert tables
+    assert all(decay_of[name] == 0.05 for name in tables)
+    assert decay_of["cls_token"] == 0.0
+    assert decay_of["blocks.0.attn.q_bias"] == 0.0
+
+
 def test_shared_bias_layer_assignment():
     reference = FineTune("data2vec_vision_micro_patch4_16", num_classes=10, rel_pos_bias="shared")
     timm_style = FineTune(

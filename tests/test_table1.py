@@ -230,17 +230,46 @@ def test_lr_same_for_one_and_two_processes(tmp_path):
     assert single_record["learning_rate"]["peak_lr"] == pytest.approx(1e-3 * 8 / 256)
 
 
-def test_two_process_resume_matches_uninterrupted_run(tmp_path):
-    straight = _launch(tmp_path / "straight", *TWO_PROCESSES, "--trainer.limit_train_batches=2")
+LAUNCH = ROOT / "experiments" / "table1" / "launch.sh"
+# Arguments that launch.sh sets itself: devices and nodes from its environment, the step checkpoints.
+LAUNCH_SETS = ("--trainer.devices", "--trainer.num_nodes", f"--trainer.callbacks+={STEP_CHECKPOINTS}")
+
+
+def _launch_script(run_dir: Path, port: int, *args: str, **env: str) -> subprocess.Popen:
+    """Run ``experiments/table1/launch.sh vit_b`` with torchrun: 2 CPU processes, its checkpoint every step."""
+    outputs = [f"--recorder.records_dir={run_dir / 'records'}", f"--trainer.logger.init_args.save_dir={run_dir / 'runs'}"]
+    environment = {
+        **os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1",
+        "GPUS_PER_NODE": "2", "CHECKPOINT_EVERY": "1", "MASTER_PORT": str(port), **env,
+    }
+    command = [
+        "bash", str(LAUNCH), "vit_b", *[arg for arg in RESUME_RUN if not arg.startswith(LAUNCH_SETS)],
+        "--data.num_workers=0", "--trainer.strategy=ddp",
+        "--trainer.limit_train_batches=2", *outputs, *args,
+    ]
+    return subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _launched_state(run_dir: Path) -> dict:
+    checkpoints = run_dir / "runs" / "table1" / "data2vec_vit_b_finetune" / "checkpoints"
+    latest = max(checkpoints.glob("last*.ckpt"), key=lambda path: path.stat().st_mtime)
+    return torch.load(latest, weights_only=True)
+
+
+def test_launch_script_resume_matches_uninterrupted_run(tmp_path):
+    """torchrun with 2 processes through launch.sh; the crashed run resumes with RESUME=1."""
+    straight = _launch_script(tmp_path / "straight", 29611)
     crash = json.dumps({"class_path": "test_table1.CrashAfterStep", "init_args": {"step": 3}})
-    crashed = _launch(tmp_path / "resumed", *TWO_PROCESSES, "--trainer.limit_train_batches=2", f"--trainer.callbacks+={crash}")
+    crashed = _launch_script(tmp_path / "resumed", 29612, f"--trainer.callbacks+={crash}")
     _finish(straight)
     assert "simulated crash after optimizer step 3" in _finish(crashed, expect_success=False)
 
-    resumed = _launch(tmp_path / "resumed", *TWO_PROCESSES, "--trainer.limit_train_batches=2", "--ckpt_path=last")
-    _finish(resumed)
-    expected, final = _final_state(tmp_path / "straight"), _final_state(tmp_path / "resumed")
+    _finish(_launch_script(tmp_path / "resumed", 29613, RESUME="1"))
+    expected, final = _launched_state(tmp_path / "straight"), _launched_state(tmp_path / "resumed")
     assert final["global_step"] == expected["global_step"] == 4
     for name, tensor in expected["state_dict"].items():
         assert torch.equal(tensor, final["state_dict"][name]), name
-    assert _single_record(tmp_path / "resumed" / "records")["metrics"] == _single_record(tmp_path / "straight" / "records")["metrics"]
+    straight_record = _single_record(tmp_path / "straight" / "records")
+    resumed_record = _single_record(tmp_path / "resumed" / "records")
+    assert straight_record["world_size"] == resumed_record["world_size"] == 2
+    assert resumed_record["metrics"] == straight_record["metrics"]

@@ -117,6 +117,8 @@ class FineTune(ClassificationModule):
         layer_decay: learning-rate decay per layer, in (0, 1]; 1.0 turns it off.
         layer_assignment: ``"reference"`` (data2vec_vision) or ``"timm"`` (shared rel_pos_bias in
             layer 0), see :func:`d2v_eval.protocols.optim.layer_id_for`.
+        rel_pos_bias_weight_decay: apply ``weight_decay`` to the relative position bias tables too,
+            as data2vec_vision's fine-tuning script does; off by default, like 1-D parameters.
         warmup_epochs: linear warmup length in epochs (fractions allowed).
         mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob, mixup_mode: timm ``Mixup``
             arguments; mixing is off when both alphas are 0. With mixing on, the training loader
@@ -144,6 +146,7 @@ class FineTune(ClassificationModule):
         weight_decay: float = 0.05,
         layer_decay: float = 0.65,
         layer_assignment: LayerAssignment = "reference",
+        rel_pos_bias_weight_decay: bool = False,
         warmup_epochs: float = 5.0,
         warmup_lr: float = 1e-6,
         min_lr: float = 1e-6,
@@ -342,6 +345,7 @@ class FineTune(ClassificationModule):
         return layer_decay_param_groups(
             self.model, lr=hp.lr if lr is None else lr, weight_decay=hp.weight_decay,
             layer_decay=hp.layer_decay, depth=self.depth, assignment=hp.layer_assignment,
+            decay_rel_pos_bias=hp.rel_pos_bias_weight_decay,
         )
 
     def _global_batch_size(self) -> int | None:

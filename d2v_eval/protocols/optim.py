@@ -39,14 +39,16 @@ def layer_id_for(name: str, depth: int, assignment: LayerAssignment = "reference
     return depth + 1
 
 
-def skips_weight_decay(name: str, param: nn.Parameter) -> bool:
-    """True for parameters trained without weight decay: 1-D tensors, biases, position tables, CLS token."""
-    return (
-        param.ndim <= 1
-        or name.endswith(".bias")
-        or name in ("pos_embed", "cls_token")
-        or "relative_position_bias_table" in name
-    )
+def skips_weight_decay(name: str, param: nn.Parameter, *, decay_rel_pos_bias: bool = False) -> bool:
+    """True for parameters trained without weight decay: 1-D tensors, biases, position tables, CLS token.
+
+    With ``decay_rel_pos_bias`` the (2-D) relative position bias tables are decayed like weights, as
+    data2vec_vision's run_class_finetuning.py does unless ``--disable_weight_decay_on_rel_pos_bias``
+    is given (and that flag skips only per-block tables).
+    """
+    if "relative_position_bias_table" in name:
+        return not decay_rel_pos_bias
+    return param.ndim <= 1 or name.endswith(".bias") or name in ("pos_embed", "cls_token")
 
 
 def layer_decay_param_groups(
@@ -58,12 +60,15 @@ def layer_decay_param_groups(
     depth: int,
     assignment: LayerAssignment = "reference",
     prefix: str = "",
+    decay_rel_pos_bias: bool = False,
 ) -> list[dict]:
     """Split the trainable parameters of ``model`` into optimizer groups.
 
     Each group has ``lr = lr * scale`` with ``scale = layer_decay ** (depth + 1 - layer)``, also when
     ``weight_decay`` is 0, and keeps ``lr_scale``, ``layer_id`` and ``param_names`` for inspection.
     ``prefix`` is stripped from parameter names before the layer is assigned (e.g. ``"encoder."``).
+    ``decay_rel_pos_bias`` applies weight decay to relative position bias tables (see
+    :func:`skips_weight_decay`).
     """
     if not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"layer_decay {layer_decay} is outside (0, 1]; use 1.0 to turn layer decay off")
@@ -76,7 +81,7 @@ def layer_decay_param_groups(
             continue
         name = full_name[len(prefix):] if prefix and full_name.startswith(prefix) else full_name
         layer = layer_id_for(name, depth, assignment)
-        no_decay = skips_weight_decay(name, param)
+        no_decay = skips_weight_decay(name, param, decay_rel_pos_bias=decay_rel_pos_bias)
         key = (layer, no_decay)
         if key not in groups:
             scale = layer_decay ** (depth + 1 - layer)

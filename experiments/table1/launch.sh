@@ -7,6 +7,8 @@
 #   sbatch --nodes=1 experiments/table1/launch.sh vit_b      # SLURM, 1 node x 8 GPUs
 #   sbatch --nodes=2 experiments/table1/launch.sh vit_l      # SLURM, 2 nodes x 8 GPUs
 #   RESUME=1 ...                                             # continue from the run's last.ckpt
+#   CHECKPOINT_EVERY=1000 ...                                # a checkpoint every 1000 optimizer steps
+#                                                            # (default 500; 0 keeps epoch-end ones only)
 #
 # Extra arguments go to `d2v-eval fit`, e.g. `--trainer.precision bf16-mixed`.
 # The global batch stays 1024 whatever the node and GPU counts: gradient accumulation is derived
@@ -33,16 +35,23 @@ esac
 repo="${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}"
 cd "$repo"
 config="configs/table1/data2vec_${row}_finetune.yaml"
-resume=()
+run_args=()
 if [[ "${RESUME:-0}" == 1 ]]; then
-  resume=(--ckpt_path last)
+  run_args=(--ckpt_path last)
+fi
+# Mid-epoch checkpoints bound the work an interruption loses; a resume from one is exact.
+every="${CHECKPOINT_EVERY:-500}"
+if [[ "$every" != 0 ]]; then
+  step_checkpoints='{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",'
+  step_checkpoints+=' "init_args": {"every_n_train_steps": '"$every"', "save_last": true}}'
+  run_args+=("--trainer.callbacks+=$step_checkpoints")
 fi
 
 if [[ -n "${SLURM_JOB_ID:-}" ]]; then
   gpus_per_node="${SLURM_NTASKS_PER_NODE:-8}"
   exec srun d2v-eval fit --config "$config" \
     --trainer.num_nodes "$SLURM_JOB_NUM_NODES" --trainer.devices "$gpus_per_node" \
-    "${resume[@]}" "$@"
+    "${run_args[@]}" "$@"
 fi
 
 nnodes="${NNODES:-1}"
@@ -51,4 +60,4 @@ exec torchrun --nnodes "$nnodes" --nproc_per_node "$gpus_per_node" --node_rank "
   --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" \
   -m d2v_eval.cli fit --config "$config" \
   --trainer.num_nodes "$nnodes" --trainer.devices "$gpus_per_node" \
-  "${resume[@]}" "$@"
+  "${run_args[@]}" "$@"
