@@ -25,13 +25,13 @@ def derive_seed(*keys: int) -> int:
 
 
 def run_seed() -> int | None:
-    """The run's seed as set by Lightning's ``seed_everything`` (``PL_GLOBAL_SEED``), or None when unseeded."""
+    """Return the run's seed as set by Lightning's ``seed_everything`` (``PL_GLOBAL_SEED``), or None when unseeded."""
     seed = os.environ.get("PL_GLOBAL_SEED")
     return int(seed) if seed is not None else None
 
 
 def fresh_seed() -> int:
-    """A 63-bit seed from the operating system, for runs that were not seeded."""
+    """Return a 63-bit seed drawn from the operating system, for runs that were not seeded."""
     return secrets.randbits(63)
 
 

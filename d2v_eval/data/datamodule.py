@@ -375,7 +375,7 @@ class ImageClassificationData(pl.LightningDataModule):
         return DataLoader(dataset, sampler=sampler, shuffle=False, **self._loader_options())
 
     def _shuffle_seed(self) -> int:
-        """The run seed (``seed_everything``), else a fresh one; the same on every process."""
+        """Return the run seed (``seed_everything``), else a fresh one, broadcast so every process uses it."""
         seed = run_seed()
         if seed is None:
             seed = fresh_seed()
@@ -433,7 +433,7 @@ class ImageClassificationData(pl.LightningDataModule):
     # ---- result records ----------------------------------------------------------------------
 
     def _batch_limit(self, role: str, split_size: int) -> int | float | None:
-        """The Trainer's ``limit_val_batches`` or ``limit_test_batches`` when it cuts ``role`` short, else None."""
+        """Return the Trainer's ``limit_val_batches`` or ``limit_test_batches`` if it cuts ``role`` short, else None."""
         trainer = self.trainer
         if trainer is None or role not in ("validation", "test"):
             return None

@@ -1,6 +1,6 @@
 """A shuffled training order that a checkpoint can resume in the middle of an epoch.
 
-Written here because neither torch's samplers nor Lightning restore a loader's position: Lightning
+Written here because neither torch's samplers nor Lightning restore a loader's position. Lightning
 only passes the ``state_dict`` of a loader that has one through its checkpoints.
 """
 
@@ -55,7 +55,7 @@ class ResumableSampler(DistributedSampler):
         self._resume_samples = consumed_samples
 
     def _start(self) -> int:
-        """Position in the padded permutation where this iteration starts (0 unless resuming)."""
+        """Return the position in the padded permutation where this iteration starts (0 unless resuming)."""
         if self._resume_epoch is None:
             return 0
         start = self._resume_samples if self._resume_epoch == self.epoch else 0
