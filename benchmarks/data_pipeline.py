@@ -7,10 +7,11 @@ The images are synthetic JPEGs of ImageNet's typical size (500 x 375, quality 90
 Hugging Face dataset so that the measured path is the one training takes: ``TransformedSplit`` decodes
 each image (``decode_image``: full decode, EXIF orientation, RGB) and applies the datamodule's timm
 train transform at 224 px. Two transforms are timed: the basic one (random resized crop, flip,
-normalise) and the data2vec-vision fine-tuning recipe (adds RandAugment ``rand-m9-mstd0.5-inc1``, run
-with its magnitude capped at 9, see the note at ``RECIPES``,
-colour jitter 0.4 and random erasing 0.25). One process measures images/s per core; a DataLoader with
-``--workers`` persistent workers measures the scaling.
+normalise) and the data2vec-vision fine-tuning recipe (adds RandAugment ``rand-m9-mstd0.5-inc1``,
+colour jitter 0.4 and random erasing 0.25). One process measures images/s per core, once by index and
+once with a per-sample seed as the training loader requests them (the transform then runs with
+reseeded RNGs, whose states are restored afterwards). The training loader with ``--workers``
+persistent workers measures the scaling.
 """
 
 from __future__ import annotations
@@ -27,19 +28,15 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, Features, Image as ImageFeature
 from PIL import Image
-from torch.utils.data import DataLoader
-
 from d2v_eval.data.datamodule import ImageClassificationData, TransformedSplit
+from d2v_eval.data.sampler import ResumableLoader, ResumableSampler
+from d2v_eval.randomness import seeded_rngs
 
 # Typical ILSVRC-2012 image: 500 x 375 pixels (the most common size in the training set).
 WIDTH, HEIGHT = 500, 375
 RECIPES = {
     "basic": {},
-    # NOTE: the recipe's policy is rand-m9-mstd0.5-inc1. With timm 1.0.31 and Pillow 13 it raises
-    # "bits must be between or equal to 1 and 8" whenever the sampled magnitude reaches 10, because
-    # timm then requests a 0-bit posterize, which Pillow 13 rejects. mmax9 caps the magnitude
-    # at 9 so the benchmark runs; the per-image cost is the same.
-    "d2v_finetune": {"auto_augment": "rand-m9-mstd0.5-inc1-mmax9", "color_jitter": 0.4, "re_prob": 0.25},
+    "d2v_finetune": {"auto_augment": "rand-m9-mstd0.5-inc1", "color_jitter": 0.4, "re_prob": 0.25},
 }
 
 
@@ -59,26 +56,41 @@ def synthetic_jpegs(count: int, seed: int = 0) -> Dataset:
     return Dataset.from_dict({"image": images, "label": [i % 10 for i in range(count)]}, features=features)
 
 
-def one_process(dataset: TransformedSplit) -> float:
-    """Images per second of decoding plus transform in this process (one core)."""
-    for index in range(min(8, len(dataset))):  # warm-up: imports, caches
-        dataset[index]
+def one_process(dataset: TransformedSplit, *, seeded: bool) -> float:
+    """Images per second of decoding plus transform in this process (one core).
+
+    ``seeded`` requests ``(index, sample_seed)`` items, as the training loader does.
+    """
+    items = [(index, 1000 + index) if seeded else index for index in range(len(dataset))]
+    for item in items[:8]:  # warm-up: imports, caches
+        dataset[item]
     start = time.perf_counter()
-    for index in range(len(dataset)):
-        dataset[index]
+    for item in items:
+        dataset[item]
     return len(dataset) / (time.perf_counter() - start)
 
 
 def data_loader(dataset: TransformedSplit, workers: int, batch_size: int = 32, epochs: int = 2) -> float:
-    """Images per second through a DataLoader with persistent workers (the second epoch is timed)."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                        persistent_workers=True, pin_memory=torch.cuda.is_available())
+    """Images per second through the training loader with persistent workers (the second epoch is timed)."""
+    sampler = ResumableSampler(dataset, seed=0, with_seeds=True)
+    loader = ResumableLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                             persistent_workers=True, pin_memory=torch.cuda.is_available())
     rate = 0.0
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
         start = time.perf_counter()
         seen = sum(len(labels) for _, labels in loader)
         rate = seen / (time.perf_counter() - start)
     return rate
+
+
+def seeding_cost_us(*, restore: bool, calls: int = 2000) -> float:
+    """Microseconds per ``seeded_rngs`` context entered and left, with or without restoring the states."""
+    start = time.perf_counter()
+    for seed in range(calls):
+        with seeded_rngs(seed, restore=restore):
+            pass
+    return (time.perf_counter() - start) / calls * 1e6
 
 
 def cpu_model() -> str:
@@ -106,14 +118,21 @@ def main() -> None:
     for recipe, augmentation in RECIPES.items():
         data = ImageClassificationData("digits", input_size=args.input_size, num_workers=args.workers, **augmentation)
         dataset = TransformedSplit(split, data.build_transform(is_training=True), "image", "label", split_name="train")
-        per_core = one_process(dataset)
+        per_core = one_process(dataset, seeded=False)
+        per_core_seeded = one_process(dataset, seeded=True)
         loader = data_loader(dataset, args.workers)
         results[recipe] = {
             "images_per_s_per_core": round(per_core, 1),
+            "images_per_s_per_core_seeded": round(per_core_seeded, 1),
+            "seeded_over_unseeded": round(per_core_seeded / per_core, 3),
             f"images_per_s_{args.workers}_workers": round(loader, 1),
-            "worker_scaling": round(loader / per_core, 2),
+            "worker_scaling": round(loader / per_core_seeded, 2),
         }
         print(recipe, results[recipe])
+
+    seeding = {"restore_us": round(seeding_cost_us(restore=True), 1),
+               "no_restore_us": round(seeding_cost_us(restore=False), 1)}
+    print("seeded_rngs per sample", seeding)
 
     record = {
         "benchmark": "data_pipeline",
@@ -122,6 +141,7 @@ def main() -> None:
         "input_size": args.input_size,
         "workers": args.workers,
         "results": results,
+        "seeded_rngs": seeding,
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "load_average_1min": os.getloadavg()[0],

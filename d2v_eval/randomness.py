@@ -42,19 +42,30 @@ def seed_global_rngs(seed: int) -> None:
     random.seed(seed)
 
 
+def seed_cpu_rngs(seed: int) -> None:
+    """Seed the CPU torch RNG, numpy's global RNG and ``random`` from ``seed``, leaving CUDA generators alone."""
+    torch.random.default_generator.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 @contextmanager
-def seeded_rngs(seed: int) -> Iterator[None]:
+def seeded_rngs(seed: int, *, restore: bool = True) -> Iterator[None]:
     """Run the body with the CPU torch RNG, numpy's global RNG and ``random`` seeded from ``seed``.
 
-    Their previous states are restored afterwards, so the caller's random stream is unchanged.
-    CUDA generators are left alone, because data transforms run on the CPU.
+    With ``restore`` their previous states come back afterwards, so the caller's random stream is
+    unchanged. Saving and restoring cost 0.13 ms per call on a 2-core EPYC (benchmarks/data_pipeline.py),
+    mostly numpy's state copy. A data loader worker can skip them because no other code draws from its RNGs.
     """
+    if not restore:
+        seed_cpu_rngs(seed)
+        yield
+        return
+
     python_state = random.getstate()
     numpy_state = np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(seed)
-        np.random.seed(seed % 2**32)
-        random.seed(seed)
+        seed_cpu_rngs(seed)
         try:
             yield
         finally:

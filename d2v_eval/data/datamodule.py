@@ -15,7 +15,7 @@ from datasets import ClassLabel, DatasetDict, Image as ImageFeature, load_datase
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from pytorch_lightning.trainer.states import TrainerFn
 from timm.data import create_transform
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
 from d2v_eval.data import timm_compat  # noqa: F401  (RandAugment posterize under Pillow 13)
 from d2v_eval.data.benchmarks import BENCHMARKS, Benchmark, get_benchmark, local_entry
@@ -95,7 +95,8 @@ class TransformedSplit(Dataset):
 
         if sample_seed is None:
             return self.transform(image), int(row[self.label_column])
-        with seeded_rngs(sample_seed):
+        # In a loader worker no other code draws from the global RNGs, so their states need no restoring.
+        with seeded_rngs(sample_seed, restore=get_worker_info() is None):
             return self.transform(image), int(row[self.label_column])
 
 
