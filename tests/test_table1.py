@@ -101,6 +101,17 @@ class CrashAfterStep(pl.Callback):
             raise RuntimeError(f"simulated crash after optimizer step {self.step}")
 
 
+class CrashAtBatch(pl.Callback):
+    """Simulate a crash before training batch ``batch_idx`` of the first epoch."""
+
+    def __init__(self, batch_idx: int):
+        self.batch_idx = batch_idx
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == 0 and batch_idx == self.batch_idx:
+            raise RuntimeError(f"simulated crash before batch {self.batch_idx}")
+
+
 # 2 epochs x 4 batches of 4 images, accumulated in pairs: optimizer steps 1 and 3 end mid-epoch,
 # step 2 ends epoch 0. Loader workers, RandAugment, random erasing, mixup, drop path and EMA all draw
 # random numbers. A checkpoint is kept for every optimizer step, beside the epoch-end one.
@@ -176,6 +187,40 @@ def test_resume_matches_uninterrupted_run(crash_step, uninterrupted_run, tmp_pat
         assert torch.equal(moments["exp_avg"], straight_moments[index]["exp_avg"]), index
     straight_metrics = _single_record(uninterrupted_run / "records")["metrics"]
     assert _single_record(resumed / "records")["metrics"] == straight_metrics
+
+
+def test_resume_without_loader_position_warns(tmp_path, monkeypatch, caplog):
+    """A mid-epoch checkpoint whose loader position was removed, as one from another data module."""
+    resumed = tmp_path / "resumed"
+    crash = json.dumps({"class_path": f"{__name__}.CrashAfterStep", "init_args": {"step": 1}})
+    with pytest.raises(RuntimeError, match="simulated crash after optimizer step 1"):
+        _run(resumed, monkeypatch, f"--trainer.callbacks+={crash}")
+    path = resumed / "runs" / "table1" / "data2vec_vit_b_finetune" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["ImageClassificationData"]
+    del checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    torch.save(checkpoint, path)
+
+    with caplog.at_level("WARNING", logger="d2v_eval"):
+        main([
+            "fit", "--config", str(TABLE1 / "data2vec_vit_b_finetune.yaml"), *RESUME_RUN, "--ckpt_path=last",
+            f"--recorder.records_dir={resumed / 'records'}",
+        ])
+    assert "stores no training-loader position" in caplog.text
+    assert "after 2 batches of epoch 0" in caplog.text
+
+
+def test_checkpoint_between_optimizer_steps_warns(tmp_path, monkeypatch, caplog):
+    """Lightning's OnExceptionCheckpoint saves mid-accumulation; the warning names the lost batches."""
+    crash = json.dumps({"class_path": f"{__name__}.CrashAtBatch", "init_args": {"batch_idx": 3}})
+    on_exception = json.dumps({
+        "class_path": "pytorch_lightning.callbacks.OnExceptionCheckpoint", "init_args": {"dirpath": str(tmp_path)},
+    })
+    # With accumulation 2, batches 0 and 1 make step 1 and batch 2 is half of step 2.
+    with caplog.at_level("WARNING", logger="d2v_eval"), pytest.raises(RuntimeError, match="simulated crash"):
+        _run(tmp_path / "run", monkeypatch, f"--trainer.callbacks+={crash}", f"--trainer.callbacks+={on_exception}")
+    assert (tmp_path / "on_exception.ckpt").exists()
+    assert "between optimizer steps (accumulation 2)" in caplog.text
 
 
 def _launch(run_dir: Path, *args: str) -> subprocess.Popen:

@@ -94,7 +94,33 @@ def training_position(trainer) -> tuple[int, int]:
     batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
     if batches >= trainer.num_training_batches:
         return epoch + 1, 0
+    accumulation = trainer.accumulate_grad_batches
+    if batches % accumulation:
+        log.warning(
+            "checkpoint saved after %d batches of epoch %d, between optimizer steps (accumulation %d): a run "
+            "resumed from it loses the gradients of the last %d batches; checkpoints saved on optimizer steps "
+            "(e.g. ModelCheckpoint every_n_train_steps) resume exactly",
+            batches, epoch, accumulation, batches % accumulation,
+        )
     return epoch, batches
+
+
+def warn_if_position_missing(trainer) -> None:
+    """Log a warning when a fit resumed mid-epoch without a training-loader position in its checkpoint.
+
+    Such a checkpoint (written by another data module, or edited) makes the loader replay the
+    interrupted epoch from its first batch.
+    """
+    loader = trainer.train_dataloader
+    if trainer.ckpt_path is None or not isinstance(loader, ResumableLoader) or loader.restored:
+        return
+    batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    if 0 < batches < trainer.num_training_batches:
+        log.warning(
+            "resumed from %s after %d batches of epoch %d, but the checkpoint stores no training-loader "
+            "position: the epoch restarts from its first batch, so this run differs from an uninterrupted one",
+            trainer.ckpt_path, batches, trainer.current_epoch,
+        )
 
 
 class ResumableLoader(DataLoader):
@@ -112,6 +138,7 @@ class ResumableLoader(DataLoader):
     """
 
     position: Callable[[], tuple[int, int]] | None = None
+    restored = False  # set once load_state_dict has applied a checkpoint's position
 
     def state_dict(self) -> dict:
         sampler = self.sampler
@@ -139,3 +166,4 @@ class ResumableLoader(DataLoader):
                 state["consumed_samples"],
             )
         sampler.resume(seed=state["seed"], epoch=state["epoch"], consumed_samples=state["consumed_samples"])
+        self.restored = True

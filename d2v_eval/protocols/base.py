@@ -11,6 +11,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric, MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from d2v_eval.data.sampler import warn_if_position_missing
 from d2v_eval.protocols.optim import check_schedule, warmup_cosine
 
 EVAL_STAGES = ("val", "test")
@@ -61,6 +62,9 @@ class ClassificationModule(pl.LightningModule):
         self.eval_loss = torch.nn.ModuleDict({stage: MeanMetric() for stage in EVAL_STAGES})
         self.eval_count = torch.nn.ModuleDict({stage: SumMetric() for stage in EVAL_STAGES})
         self.eval_results: dict[str, dict[str, float]] = {}
+
+    def on_train_start(self) -> None:
+        warn_if_position_missing(self.trainer)
 
     # ---- evaluation --------------------------------------------------------------------------
 

@@ -244,6 +244,7 @@ class FineTune(ClassificationModule):
             log.info("mixup/cutmix is on: the training loader drops its last incomplete batch")
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         self._last_global_step = self.trainer.global_step  # non-zero after a resume
 
     def on_train_epoch_start(self) -> None:
