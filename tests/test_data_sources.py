@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -117,10 +118,12 @@ def test_registry_entry_loads_local_copy(name, tmp_path):
         assert len(names) == entry.num_classes
 
 
-def test_imagenet_local_class_folders(tmp_path):
+def test_imagenet_local_class_folders(tmp_path, caplog):
     _write_tree(tmp_path, {"train": {"n01440764": 2, "n01443537": 2}, "val": {"n01440764": 1, "n01443537": 1}})
     data = ImageClassificationData("imagenet-1k", data_path=str(tmp_path), input_size=16, num_workers=0)
-    data.setup("test")
+    with caplog.at_level(logging.WARNING):
+        data.setup("test")
+    assert "has 2 classes but the registry expects 1000; the model keeps 1000 outputs" in caplog.text
     assert data.split_name("test") == "validation"
     assert data.split_size("test") == 2
     assert data.num_classes == 1000
@@ -274,3 +277,11 @@ def test_skip_policy_record_counts(tree_with_bad_files, tmp_path, monkeypatch):
     assert record["num_skipped"] == 3
     assert record["metric"] == "top1"
     assert json.dumps(record)
+
+
+def test_registry_class_count_mismatch(monkeypatch):
+    """A hub copy whose ClassLabel disagrees with the registry (sun397's viewer reports 287, not 397)."""
+    monkeypatch.setitem(BENCHMARKS, "digits", dataclasses.replace(BENCHMARKS["digits"], num_classes=12))
+    data = ImageClassificationData("digits", input_size=16, num_workers=0)
+    with pytest.raises(ValueError, match="label column 'label' has 10 classes but the registry expects 12"):
+        data.setup("fit")

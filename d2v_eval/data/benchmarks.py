@@ -100,34 +100,40 @@ BENCHMARKS: dict[str, Benchmark] = {
     "pets": Benchmark(
         name="pets", hub_id="timm/oxford-iiit-pet", num_classes=37, splits=_TRAIN_TEST,
         metric="mean_per_class",
+        # Dataset card at commit 10b6888: image, label (ClassLabel '0' abyssinian ... '36' yorkshire_terrier),
+        # image_id, label_cat_dog; splits train and test.
         note="official trainval 3,680 / test 3,669, standard label order",
     ),
     "dtd": Benchmark(
         name="dtd", hub_id="tanganke/dtd", num_classes=47, splits=_TRAIN_TEST,
+        # Dataset card at commit cd52f56: image, label (ClassLabel '0' banded ... '46' zigzagged),
+        # train 3,760 / test 1,880.
         note="split 1: train 3,760 (official train + val) / test 1,880",
-        unverified="dataset card not checked: hub id, split sizes and columns come from secondary "
-                   "notes; check them with `d2v-eval data prepare dtd` before relying on them",
     ),
     "stanford_cars": Benchmark(
         name="stanford_cars", hub_id="tanganke/stanford_cars", num_classes=196, splits=_TRAIN_TEST,
-        note="official train 8,144 / test 8,041",
-        unverified="dataset card not checked: hub id and columns come from secondary notes; the "
-                   "split sizes match the official release",
+        # Dataset card at commit eecb78e: image, label (196 ClassLabel names), train 8,144 / test 8,041,
+        # plus seven corrupted copies of test (contrast, gaussian_noise, ...) in the same repository.
+        note="official train 8,144 / test 8,041; the hub repository also holds seven corrupted "
+             "copies of the test split, so a full download is about 6 GB",
     ),
     "sun397": Benchmark(
         name="sun397", hub_id="tanganke/sun397", num_classes=397, splits=_TRAIN_TEST,
+        # Dataset card at commit 4382ca2: image, label (ClassLabel '0' abbey, '1' airplane cabin, ...),
+        # train and test of 19,850 each, about 14 GB.
         note="partition 1 (about 19,850 train / 19,850 test); Kornblith et al. use the same partition",
-        unverified="dataset card not checked: hub id, partition and columns come from secondary "
-                   "notes; check them after `d2v-eval data prepare sun397`",
+        unverified="the card's class list was read only in part (397 names inferred from its length) "
+                   "and the hub viewer reports 287 classes; loading compares the ClassLabel with 397",
     ),
     "fgvc_aircraft": Benchmark(
         name="fgvc_aircraft", hub_id="HuggingFaceM4/FGVC-Aircraft", num_classes=100,
         splits={"train": "train", "validation": "validation", "test": "test"},
         label_column="variant", metric="mean_per_class",
         note="official train / val / test thirds (3,334 / 3,333 / 3,333), 100 variants",
-        unverified="the hub repository holds train/validation/test parquet files, but its card and "
-                   "features were not readable: the label column name `variant` is a guess; "
-                   "override it with data.label_column",
+        unverified="the main branch holds only a loading script, which datasets 4 and later do not "
+                   "run; a parquet conversion (columns image, bbox, family, manufacturer, variant) "
+                   "waits in the hub pull request refs/pr/1, and the number of `variant` names was "
+                   "not readable; pass a local copy with data.data_path",
     ),
     "caltech101": Benchmark(
         name="caltech101", hub_id="HuggingFaceM4/Caltech-101", hub_config="with_background_category",
@@ -136,8 +142,10 @@ BENCHMARKS: dict[str, Benchmark] = {
              "official split: the hub copy's loading script draws train/test with the seed used by "
              "facebookresearch/vissl",
         unverified="the hub copy is built by a loading script, which datasets 4 and later no longer "
-                   "run; whether a parquet conversion exists, the per-class train count (Kornblith et "
-                   "al. use 30) and which config holds the background class could not be checked",
+                   "run, and the descriptions of its two configs look swapped; the parquet copy "
+                   "dpdl-benchmark/caltech101 has image and label with the same 102 class names in "
+                   "the same order, but its splits were not readable; pass a local copy with "
+                   "data.data_path",
     ),
 }
 

@@ -229,6 +229,7 @@ class ImageClassificationData(pl.LightningDataModule):
                 features, image_column=self._requested_columns[0], label_column=self._requested_columns[1],
                 source=self._column_source,
             )
+            self._check_class_count(features)
             if self.is_local and self.splits.get("test") is None and self.test_fraction is not None:
                 splits = self._carve(splits, self.test_fraction, CARVED_TEST)
                 self.splits["test"] = CARVED_TEST
@@ -260,6 +261,28 @@ class ImageClassificationData(pl.LightningDataModule):
             else "validation" if "validation" in available else None
         )
         self.splits["test"] = "test" if "test" in available else None
+
+    def _check_class_count(self, features) -> None:
+        """Compare the label ``ClassLabel`` with the registry's class count.
+
+        A hub copy that disagrees raises ``ValueError``. A local copy (``data_path``) only logs a
+        warning, because a subset of the classes is a legitimate local copy.
+        """
+        feature = features.get(self.label_column)
+        expected = self.entry.num_classes
+        if expected <= 0 or not isinstance(feature, ClassLabel) or feature.num_classes == expected:
+            return
+        problem = (
+            f"benchmark {self.entry.name!r}: label column {self.label_column!r} has {feature.num_classes} classes "
+            f"but the registry expects {expected}"
+        )
+        if self.data_path is not None:
+            log.warning("%s; the model keeps %d outputs", problem, expected)
+            return
+        raise ValueError(
+            f"{problem}; the hub copy may have changed, or the label column is another annotation level; "
+            "set data.label_column, or pass the dataset's path as data.benchmark"
+        )
 
     def _check_split_names(self, splits: DatasetDict) -> None:
         for role, name in self.splits.items():
