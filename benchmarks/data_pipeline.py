@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, Features, Image as ImageFeature
 from PIL import Image
+
 from d2v_eval.data.datamodule import ImageClassificationData, TransformedSplit
 from d2v_eval.data.sampler import ResumableLoader, ResumableSampler
 from d2v_eval.randomness import seeded_rngs

@@ -58,15 +58,18 @@ class ResumableSampler(DistributedSampler):
         """Return the position in the padded permutation where this iteration starts (0 unless resuming)."""
         if self._resume_epoch is None:
             return 0
-        start = self._resume_samples if self._resume_epoch == self.epoch else 0
-        if self._resume_epoch != self.epoch:
+
+        if self._resume_epoch == self.epoch:
+            start = min(self._resume_samples, self.total_size)
+        else:
+            start = 0
             log.warning(
                 "the checkpoint's training loader stopped in epoch %d but training resumes in epoch %d; "
                 "starting epoch %d from its first batch", self._resume_epoch, self.epoch, self.epoch,
             )
-        self._resume_epoch = None
+        self._resume_epoch = None  # the skip applies to one iteration only
         self._resume_samples = 0
-        return min(start, self.total_size)
+        return start
 
     def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
         size = len(self.dataset)
